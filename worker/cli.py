@@ -1,0 +1,167 @@
+"""The `chat-worker` command line: run, declare, publish, simulate, demo."""
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import aio_pika
+from pydantic import ValidationError
+
+from worker.observability import configure_logging
+from worker.settings import WorkerSettings, load_settings
+from worker.topology import declare_topology
+
+EXIT_USAGE = 2
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that override settings (None when not given, so lower sources apply)."""
+    parser.add_argument("--config", type=Path, help="TOML config file (default: WORKER_CONFIG)")
+    parser.add_argument("--amqp-url", dest="amqp_url", help="broker URL (WORKER_AMQP_URL)")
+    parser.add_argument("--queue", help="base name of exchanges and queues (WORKER_QUEUE)")
+    parser.add_argument("--prefetch", type=int, help="unacked messages per replica")
+    parser.add_argument("--http-port", dest="http_port", type=int, help="health/metrics port")
+    parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Describe every command and its flags."""
+    parser = argparse.ArgumentParser(prog="chat-worker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_settings_flags(commands.add_parser("run", help="consume and send events to Connect"))
+    _add_settings_flags(commands.add_parser("declare", help="declare exchanges and queues"))
+    publish = commands.add_parser("publish", help="publish JSON lines from FILE ('-' = stdin)")
+    _add_settings_flags(publish)
+    publish.add_argument("file", help="file of one JSON event per line")
+    simulate = commands.add_parser("simulate", help="run the local Connect simulator")
+    _add_simulator_flags(simulate)
+    demo = commands.add_parser("demo", help="simulator + sample traffic + worker, then a report")
+    _add_settings_flags(demo)
+    return parser
+
+
+def _add_simulator_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator's flags."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4566)
+    parser.add_argument("--rate", type=float, default=None, help="quota, requests/second")
+    parser.add_argument("--burst", type=int, default=10, help="token bucket capacity")
+    parser.add_argument("--latency-ms", dest="latency_ms", type=float, default=0.0)
+    parser.add_argument("--jitter-ms", dest="jitter_ms", type=float, default=0.0)
+    parser.add_argument(
+        "--error-rate",
+        dest="error_rates",
+        action="append",
+        default=[],
+        metavar="CODE=P",
+        help="answer CODE with probability P (repeatable)",
+    )
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _settings_from(args: argparse.Namespace) -> WorkerSettings:
+    """Load settings with the flags given on the command line."""
+    return load_settings(
+        config_file=args.config,
+        amqp_url=args.amqp_url,
+        queue=args.queue,
+        prefetch=args.prefetch,
+        http_port=args.http_port,
+        log_level=args.log_level,
+    )
+
+
+async def run_worker(settings: WorkerSettings) -> int:
+    """Run the worker; the first SIGTERM/SIGINT drains it, a second one stops it at once."""
+    from worker.worker import Worker
+
+    worker = Worker(settings)
+    main_task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        worker.log.warning("worker.signal", signal=signal.Signals(signum).name)
+        if worker.stopping and main_task is not None:
+            main_task.cancel()
+        worker.request_stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await worker.run()
+    except asyncio.CancelledError:
+        worker.log.warning("worker.aborted")
+        return 128 + signal.SIGTERM
+    return 0
+
+
+async def declare(settings: WorkerSettings) -> int:
+    """Declare the whole topology so producers can start before any worker."""
+    connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
+    async with connection:
+        await declare_topology(await connection.channel(), settings.queue)
+    print(f"declared topology of {settings.queue!r} on {settings.masked_amqp_url()}")
+    return 0
+
+
+async def publish(settings: WorkerSettings, file: str) -> int:
+    """Publish a file of JSON lines to the input exchange."""
+    from worker.publisher import publish_file_lines
+
+    url = settings.amqp_url.get_secret_value()
+    if file == "-":
+        count = await publish_file_lines(url, settings.queue, sys.stdin.buffer)
+    else:
+        lines = (await asyncio.to_thread(Path(file).read_bytes)).splitlines()
+        count = await publish_file_lines(url, settings.queue, lines)
+    print(f"published {count} event(s) to exchange {settings.queue!r}")
+    return 0
+
+
+async def simulate(args: argparse.Namespace) -> int:
+    """Run the Connect simulator until interrupted."""
+    from worker.simulator import SimulatorConfig, parse_error_rates, serve
+
+    config = SimulatorConfig(
+        rate=args.rate,
+        burst=args.burst,
+        latency_ms=args.latency_ms,
+        latency_jitter_ms=args.jitter_ms,
+        error_rates=parse_error_rates(args.error_rates),
+        seed=args.seed,
+    )
+    print(f"Connect simulator on http://{args.host}:{args.port}", flush=True)
+    await serve(config, args.host, args.port)
+    return 0
+
+
+async def dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen command."""
+    if args.command == "simulate":
+        return await simulate(args)
+    settings = _settings_from(args)
+    configure_logging(settings.log_level)
+    if args.command == "run":
+        return await run_worker(settings)
+    if args.command == "declare":
+        return await declare(settings)
+    if args.command == "publish":
+        return await publish(settings, args.file)
+    from worker.demo import run_demo
+
+    return await run_demo(settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `chat-worker` and `python -m worker`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(dispatch(args))
+    except (ValidationError, ValueError, FileNotFoundError) as error:
+        print(f"chat-worker: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,69 @@
+"""The aiobotocore client for Connect, configured for a worker that owns every retry."""
+
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from worker.errors import translate_error
+from worker.models import ChatIntegrationEvent
+from worker.settings import WorkerSettings
+
+
+def client_config(settings: WorkerSettings) -> AioConfig:
+    """Return the botocore configuration of the worker's client.
+
+    botocore's retries are off (`total_max_attempts=1`) so that attempts and throttles are
+    counted once, by the worker. Parameter validation is off because the pydantic model
+    enforces the same constraints; the pool holds one connection per prefetched message.
+    """
+    return AioConfig(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=settings.connect_timeout_seconds,
+        read_timeout=settings.read_timeout_seconds,
+        max_pool_connections=settings.prefetch,
+        parameter_validation=False,
+        user_agent_extra="connect-chat-worker",
+    )
+
+
+class ConnectClient:
+    """Send chat integration events; raise an `EventFailure` for anything but success."""
+
+    def __init__(self, settings: WorkerSettings, endpoint_url: str | None = None) -> None:
+        self._settings = settings
+        self._endpoint_url = endpoint_url
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+
+    async def __aenter__(self) -> "ConnectClient":
+        session = get_session()
+        self._client = await self._stack.enter_async_context(
+            session.create_client(
+                "connect",
+                region_name=self._settings.aws_region,
+                endpoint_url=self._endpoint_url,
+                config=client_config(self._settings),
+            )
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    async def send(self, event: ChatIntegrationEvent) -> dict[str, Any]:
+        """Call SendChatIntegrationEvent once; return the parsed response."""
+        try:
+            response: dict[str, Any] = await self._client.send_chat_integration_event(
+                **event.to_request()
+            )
+        except Exception as error:
+            raise translate_error(error) from error
+        return response

@@ -1,0 +1,99 @@
+"""The dead-letter envelope: the original body and properties, plus the error headers of SPEC §4.
+
+Pure functions: nothing here talks to the broker.
+"""
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, HeadersType
+
+from worker.errors import EventFailure
+
+MAX_MESSAGE_BYTES = 1024
+MAX_VALIDATION_ERRORS = 20
+
+
+@dataclass(frozen=True)
+class FailureContext:
+    """Where and when an event failed, beyond the failure itself."""
+
+    attempts: int
+    first_attempt_at: datetime
+    failed_at: datetime
+    queue: str
+    worker_id: str
+
+
+def iso_utc(moment: datetime) -> str:
+    """Format a moment as ISO-8601 UTC with millisecond precision."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def truncate_utf8(text: str, limit: int) -> str:
+    """Cut text to at most `limit` UTF-8 bytes without splitting a character."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    return encoded[:limit].decode("utf-8", errors="ignore")
+
+
+def compact_json(value: Any) -> str:
+    """Serialise as compact JSON, the form header values take."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def error_headers(failure: EventFailure, context: FailureContext) -> dict[str, str]:
+    """Return the `x-error-*` and provenance headers that explain a failure."""
+    headers = {
+        "x-error-variant": failure.variant.value,
+        "x-error-code": failure.code,
+        "x-error-message": truncate_utf8(failure.message, MAX_MESSAGE_BYTES),
+        "x-attempts": str(context.attempts),
+        "x-first-attempt-at": iso_utc(context.first_attempt_at),
+        "x-failed-at": iso_utc(context.failed_at),
+        "x-original-queue": context.queue,
+        "x-worker-id": context.worker_id,
+    }
+    if failure.http_status is not None:
+        headers["x-http-status"] = str(failure.http_status)
+    if failure.request_id:
+        headers["x-aws-request-id"] = failure.request_id
+    if failure.reason is not None:
+        headers["x-error-reason"] = compact_json(failure.reason)
+    if failure.validation_errors:
+        headers["x-validation-errors"] = compact_json(
+            failure.validation_errors[:MAX_VALIDATION_ERRORS]
+        )
+    return headers
+
+
+def build_dead_letter(
+    message: AbstractIncomingMessage, failure: EventFailure, context: FailureContext
+) -> aio_pika.Message:
+    """Return the dead letter of a message: its body byte for byte, its properties, the headers.
+
+    `user_id` and `expiration` are not copied: the broker would refuse a foreign user id, and
+    a dead letter must not expire before an operator has seen it.
+    """
+    headers: HeadersType = dict(message.headers or {})
+    headers.update(error_headers(failure, context))
+    headers["x-original-exchange"] = message.exchange or ""
+    headers["x-original-routing-key"] = message.routing_key or ""
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )

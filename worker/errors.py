@@ -1,0 +1,122 @@
+"""The error variants that key the dead-letter queues, and the one translation from botocore.
+
+Each failure is an exception whose class says how it may be retried (throttled, transient,
+permanent) and whose `variant` says which dead-letter queue it ends in. botocore's errors are
+translated here and nowhere else.
+"""
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from botocore.exceptions import (
+    ClientError,
+    HTTPClientError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+
+class ErrorVariant(StrEnum):
+    """Why an event was dead-lettered; the routing key of its dead-letter queue."""
+
+    ACCESS_DENIED = "AccessDeniedException"
+    """Connect refused the caller (IAM policy, or API access restricted)."""
+    INTERNAL_SERVICE = "InternalServiceException"
+    """Connect failed internally and kept failing within the retry budget."""
+    INVALID_REQUEST = "InvalidRequestException"
+    """Connect rejected the request itself."""
+    RESOURCE_NOT_FOUND = "ResourceNotFoundException"
+    """The destination (or another referenced resource) does not exist."""
+    THROTTLING = "ThrottlingException"
+    """Connect kept throttling the event beyond its retry budget."""
+    UNKNOWN = "UnknownError"
+    """Any other error code, or a transport failure that outlived its retries."""
+    MALFORMED = "MalformedEvent"
+    """The body is not UTF-8 JSON, is too large, or fails the request model; never sent."""
+
+
+_MODELLED_CODES = frozenset(
+    variant.value for variant in ErrorVariant if variant.value.endswith("Exception")
+)
+
+
+@dataclass
+class EventFailure(Exception):
+    """An event that cannot be delivered (yet); carries what its dead letter will say."""
+
+    variant: ErrorVariant
+    code: str
+    message: str = ""
+    http_status: int | None = None
+    request_id: str | None = None
+    reason: dict[str, Any] | None = None
+    validation_errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" if self.message else self.code
+
+
+class MalformedEventError(EventFailure):
+    """The body cannot become a request; no API call is made, it is never retried."""
+
+
+class PermanentApiError(EventFailure):
+    """Connect refused this event for a reason a retry will not change."""
+
+
+class TransientApiError(EventFailure):
+    """Connect or the network failed in a way a later attempt may not (5xx, transport)."""
+
+    ambiguous: bool = False
+    """True when the request may have reached Connect (a read timeout): a retry may duplicate."""
+
+
+class ThrottledApiError(TransientApiError):
+    """Connect answered 429: the shared quota is exhausted for now."""
+
+
+def variant_for_code(code: str) -> ErrorVariant:
+    """Return the dead-letter variant of a Connect error code."""
+    return ErrorVariant(code) if code in _MODELLED_CODES else ErrorVariant.UNKNOWN
+
+
+def translate_error(error: Exception) -> EventFailure:
+    """Translate what the aiobotocore call raised into a failure the policy understands.
+
+    The HTTP status decides retryability whatever the code says (any 429 is a throttle, any
+    5xx is transient), while the code alone decides the dead-letter variant.
+    """
+    if isinstance(error, ClientError):
+        return _translate_client_error(error)
+    if isinstance(error, BotoConnectionError | HTTPClientError):
+        failure = TransientApiError(ErrorVariant.UNKNOWN, type(error).__name__, str(error))
+        failure.ambiguous = isinstance(error, ReadTimeoutError)
+        return failure
+    # Missing credentials or region, a parser failure, a bug: nothing a retry would fix.
+    return PermanentApiError(ErrorVariant.UNKNOWN, type(error).__name__, str(error))
+
+
+def _translate_client_error(error: ClientError) -> EventFailure:
+    """Read code, status, message, request id and Reason out of a ClientError."""
+    response: dict[str, Any] = error.response
+    details = response.get("Error", {})
+    metadata = response.get("ResponseMetadata", {})
+    code = str(details.get("Code") or "Unknown")
+    status = metadata.get("HTTPStatusCode")
+    reason = response.get("Reason")
+    kind: type[EventFailure] = PermanentApiError
+    if status == 429:
+        kind = ThrottledApiError
+    elif isinstance(status, int) and status >= 500:
+        kind = TransientApiError
+    return kind(
+        variant=variant_for_code(code),
+        code=code,
+        message=str(details.get("Message") or ""),
+        http_status=status if isinstance(status, int) else None,
+        request_id=metadata.get("RequestId"),
+        reason=reason if isinstance(reason, dict) else None,
+    )

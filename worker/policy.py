@@ -1,0 +1,92 @@
+"""What is retried, how often and how long: one table, looked up once per failure.
+
+Precedence: the HTTP status first (any 429 follows the ThrottlingException rule, any 5xx or
+transport failure the InternalServiceException rule), then the variant's own rule.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+
+from worker.errors import ErrorVariant, EventFailure, ThrottledApiError, TransientApiError
+from worker.settings import WorkerSettings
+
+
+@dataclass(frozen=True)
+class RetryRule:
+    """How a kind of failure is retried; `max_attempts` counts every call, the first included."""
+
+    retry: bool
+    max_attempts: int = 1
+    max_seconds: float = 0.0
+
+
+NEVER = RetryRule(retry=False)
+
+
+def retry_table(settings: WorkerSettings) -> Mapping[ErrorVariant, RetryRule]:
+    """Build the variant -> rule table from the configured budgets."""
+    throttled = RetryRule(True, settings.throttle_max_attempts, settings.throttle_max_seconds)
+    transient = RetryRule(True, settings.transient_max_attempts, settings.transient_max_seconds)
+    return {
+        ErrorVariant.THROTTLING: throttled,
+        ErrorVariant.INTERNAL_SERVICE: transient,
+        ErrorVariant.ACCESS_DENIED: NEVER,
+        ErrorVariant.INVALID_REQUEST: NEVER,
+        ErrorVariant.RESOURCE_NOT_FOUND: NEVER,
+        ErrorVariant.UNKNOWN: NEVER,
+        ErrorVariant.MALFORMED: NEVER,
+    }
+
+
+class RetryPolicy:
+    """Decide whether a failed call is tried again, and build the tenacity loop that does it."""
+
+    def __init__(
+        self, table: Mapping[ErrorVariant, RetryRule], backoff_base: float, backoff_max: float
+    ) -> None:
+        self._table = table
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> "RetryPolicy":
+        """Build the policy the settings describe."""
+        return cls(
+            retry_table(settings), settings.backoff_base_seconds, settings.backoff_max_seconds
+        )
+
+    def rule_for(self, failure: BaseException) -> RetryRule:
+        """Return the rule that governs a failure (status before variant, see module doc)."""
+        if isinstance(failure, ThrottledApiError):
+            return self._table[ErrorVariant.THROTTLING]
+        if isinstance(failure, TransientApiError):
+            return self._table[ErrorVariant.INTERNAL_SERVICE]
+        if isinstance(failure, EventFailure):
+            return self._table.get(failure.variant, NEVER)
+        return NEVER
+
+    def should_retry(self, failure: BaseException, attempts: int, elapsed: float) -> bool:
+        """Return True while the failure is retryable and its budget is not spent."""
+        rule = self.rule_for(failure)
+        return rule.retry and attempts < rule.max_attempts and elapsed < rule.max_seconds
+
+    def retrying(
+        self, before_sleep: Callable[[RetryCallState], None] | None = None
+    ) -> AsyncRetrying:
+        """Return a tenacity loop: full-jitter exponential backoff, stopped by the budget."""
+        return AsyncRetrying(
+            before_sleep=before_sleep,
+            retry=retry_if_exception(lambda error: self.rule_for(error).retry),
+            stop=self._budget_spent,
+            wait=wait_random_exponential(multiplier=self._backoff_base, max=self._backoff_max),
+            reraise=True,
+        )
+
+    def _budget_spent(self, state: RetryCallState) -> bool:
+        """Stop when the last failure's rule allows no further attempt."""
+        error = state.outcome.exception() if state.outcome else None
+        if error is None:
+            return True
+        return not self.should_retry(error, state.attempt_number, state.seconds_since_start or 0)

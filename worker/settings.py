@@ -1,0 +1,127 @@
+"""The worker's settings, read here and nowhere else.
+
+Precedence (SPEC §6): CLI flag > environment > config file > defaults. The config file is
+`WORKER_CONFIG`, else `config/worker.toml` when present. The AWS settings are botocore's own,
+except that `AWS_REGION` is honoured too, since botocore reads only `AWS_DEFAULT_REGION`.
+"""
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("config/worker.toml")
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+
+
+def _default_worker_id() -> str:
+    """Name this replica by host and process, as operators see it in `ps` and the broker UI."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything the worker can be told; see the README for each setting's meaning."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WORKER_", extra="ignore", populate_by_name=True, validate_default=True
+    )
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    queue: str = "chat-integration-events"
+    prefetch: int = Field(64, ge=1, le=65535)
+    http_port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(256 * 1024, ge=1)
+    worker_id: str = Field(default_factory=_default_worker_id)
+    log_level: str = "INFO"
+
+    aws_region: str | None = Field(
+        None, validation_alias=AliasChoices("aws_region", "AWS_DEFAULT_REGION", "AWS_REGION")
+    )
+    connect_timeout_seconds: float = Field(3.0, gt=0)
+    read_timeout_seconds: float = Field(10.0, gt=0)
+
+    throttle_max_attempts: int = Field(10, ge=1)
+    throttle_max_seconds: float = Field(300.0, gt=0)
+    transient_max_attempts: int = Field(6, ge=1)
+    transient_max_seconds: float = Field(120.0, gt=0)
+    backoff_base_seconds: float = Field(0.2, gt=0)
+    backoff_max_seconds: float = Field(20.0, gt=0)
+    dead_letter_retry_delay_seconds: float = Field(1.0, ge=0)
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name_fits(cls, value: str) -> str:
+        """Keep every derived name (`<queue>.dlq.<Variant>`) within AMQP's 255-byte limit."""
+        if not _QUEUE_NAME.match(value):
+            raise ValueError("must be 1-200 characters of letters, digits, '.', '_', ':', '-'")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        """Accept the standard logging level names in any case."""
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order the sources as SPEC §6 fixes: flags, environment, config file, defaults."""
+        toml_file = settings_cls.model_config.get("toml_file")
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
+
+    def masked_amqp_url(self) -> str:
+        """Return the broker URL with its password replaced, fit for logs and `check`."""
+        return mask_url_password(self.amqp_url.get_secret_value())
+
+
+def mask_url_password(url: str) -> str:
+    """Replace the password of a URL with `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def config_file_path(explicit: Path | None = None) -> Path | None:
+    """Return the config file to read: the flag, `WORKER_CONFIG`, or the default when present."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get("WORKER_CONFIG")
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:
+    """Read the settings from every source; `overrides` are CLI flags (None means not given)."""
+    path = config_file_path(config_file)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+
+    class _FromFile(WorkerSettings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    flags = {name: value for name, value in overrides.items() if value is not None}
+    return _FromFile(**flags)
