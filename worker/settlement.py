@@ -57,7 +57,9 @@ class Settler:
             await self._requeue_later(message)
             return False
         log.warning(
-            "event.dead_lettered", http_status=failure.http_status, message=scrub(failure.message)
+            "event.dead_lettered",
+            http_status=failure.http_status,
+            error_message=scrub(failure.message),
         )
         return await self._ack(message)
 
