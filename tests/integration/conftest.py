@@ -1,0 +1,86 @@
+"""Fixtures that run the real worker process against the real RabbitMQ and the simulator."""
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from tests.integration.support import (
+    AMQP_URL,
+    REPO,
+    Broker,
+    WorkerProcess,
+    wait_until,
+    worker_environment,
+)
+from worker.simulator import ConnectSimulator, SimulatorConfig
+from worker.topology import declare_topology, delete_topology, work_queue_name
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    """Declare a topology under a unique base name, and delete it afterwards."""
+    base = f"test-{uuid.uuid4().hex[:10]}"
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    await declare_topology(channel, base)
+    yield Broker(connection, channel, base)
+    cleanup = await connection.channel()
+    await delete_topology(cleanup, base)
+    await connection.close()
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[ConnectSimulator]:
+    """Run the Connect simulator in the test's loop, on a free port."""
+    sim = ConnectSimulator(SimulatorConfig(seed=7))
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+StartWorker = Callable[..., Awaitable[WorkerProcess]]
+
+
+@pytest.fixture
+async def start_worker(
+    broker: Broker, simulator: ConnectSimulator, tmp_path: Path
+) -> AsyncIterator[StartWorker]:
+    """Start worker processes; wait until each consumes; kill any left at the end."""
+    started: list[WorkerProcess] = []
+
+    async def start(**extra: str) -> WorkerProcess:
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        with log_path.open("wb") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "worker",
+                "run",
+                env=worker_environment(broker, simulator, **extra),
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=REPO,
+            )
+        worker = WorkerProcess(process, log_path)
+        started.append(worker)
+        before = await broker.consumers(work_queue_name(broker.base))
+        await wait_until(lambda: _consuming(broker, before, worker), timeout=30.0)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.process.returncode is None:
+            worker.process.kill()
+            await worker.process.wait()
+
+
+async def _consuming(broker: Broker, before: int, worker: WorkerProcess) -> bool:
+    """Return True once the worker added its consumer; fail fast if it died."""
+    if worker.process.returncode is not None:
+        raise AssertionError("worker exited early:\n" + "\n".join(worker.log_lines()[-20:]))
+    return await broker.consumers(work_queue_name(broker.base)) > before

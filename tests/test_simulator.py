@@ -1,0 +1,325 @@
+"""Drive the Connect simulator with the real aiobotocore client over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError, ReadTimeoutError
+
+from worker.simulator import ConnectSimulator, SimulatorConfig, parse_error_rates, serve
+
+Client = Any  # aiobotocore clients are generated at runtime and carry no static type
+
+# One session for the module: it caches the large connect service model between clients.
+_SESSION = get_session()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[ConnectSimulator]:
+    simulator = ConnectSimulator(SimulatorConfig(seed=7))
+    await simulator.start()
+    yield simulator
+    await simulator.stop()
+
+
+async def _make_client(url: str, **config: Any) -> Any:
+    """Open a connect client with one attempt, so every simulated error reaches the test."""
+    return _SESSION.create_client(
+        "connect",
+        region_name="us-east-1",
+        endpoint_url=url,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=AioConfig(retries={"total_max_attempts": 1, "mode": "standard"}, **config),
+    )
+
+
+@pytest.fixture
+async def client(sim: ConnectSimulator) -> AsyncIterator[Client]:
+    async with await _make_client(sim.url) as connect:
+        yield connect
+
+
+async def _send(
+    client: Client, destination: str = "dest-1", event_type: str = "MESSAGE", text: str = "hi"
+) -> dict[str, Any]:
+    event = {"Type": event_type, "ContentType": "text/plain", "Content": text}
+    if event_type == "DISCONNECT":
+        event = {"Type": "DISCONNECT"}
+    result: dict[str, Any] = await client.send_chat_integration_event(
+        SourceId="+15550001", DestinationId=destination, Subtype="connect:SMS", Event=event
+    )
+    return result
+
+
+async def _control(sim: ConnectSimulator, method: str, path: str, body: Any = None) -> Any:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, sim.url + path, json=body) as response,
+    ):
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def _outcomes(client: Client, count: int) -> list[str]:
+    """Send `count` concurrent calls and return each outcome: "ok" or the error code."""
+
+    async def one(index: int) -> str:
+        try:
+            await _send(client, text=f"m{index}")
+        except ClientError as exc:
+            return str(exc.response["Error"]["Code"])
+        return "ok"
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def test_new_chat_created_until_disconnect(sim: ConnectSimulator, client: Client) -> None:
+    first = await _send(client)
+    second = await _send(client)
+    goodbye = await _send(client, event_type="DISCONNECT")
+    again = await _send(client)
+
+    assert first["NewChatCreated"] is True
+    assert second["NewChatCreated"] is False
+    assert second["InitialContactId"] == first["InitialContactId"]
+    assert goodbye["InitialContactId"] == first["InitialContactId"]
+    assert again["NewChatCreated"] is True
+    assert again["InitialContactId"] != first["InitialContactId"]
+    assert first["ResponseMetadata"]["RequestId"] == sim.received[0]["request_id"]
+
+
+async def test_received_records_calls_in_arrival_order(
+    sim: ConnectSimulator, client: Client
+) -> None:
+    for text in ("one", "two", "three"):
+        await _send(client, text=text)
+
+    received = (await _control(sim, "GET", "/_sim/received"))["received"]
+
+    assert [r["body"]["Event"]["Content"] for r in received] == ["one", "two", "three"]
+    assert [r["seq"] for r in received] == [1, 2, 3]
+    assert received[0]["conversation"] == ["+15550001", "dest-1", "connect:SMS"]
+    assert received[0]["status"] == 200 and received[0]["code"] is None
+
+
+@pytest.mark.parametrize(
+    ("destination", "code", "status"),
+    [
+        ("simulate:InvalidRequestException", "InvalidRequestException", 400),
+        ("simulate:AccessDeniedException", "AccessDeniedException", 403),
+        ("simulate:ResourceNotFoundException", "ResourceNotFoundException", 404),
+        ("simulate:ThrottlingException", "ThrottlingException", 429),
+        ("simulate:InternalServiceException", "InternalServiceException", 500),
+        ("simulate:SomethingWeirdException", "SomethingWeirdException", 400),
+        ("simulate:SomethingWeirdException:418", "SomethingWeirdException", 418),
+    ],
+)
+async def test_in_band_trigger_yields_client_error(
+    sim: ConnectSimulator, client: Client, destination: str, code: str, status: int
+) -> None:
+    with pytest.raises(ClientError) as caught:
+        await _send(client, destination=destination)
+
+    response = caught.value.response
+    assert response["Error"]["Code"] == code
+    assert response["Error"]["Message"] == f"Simulated {code}"
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == status
+    assert response["ResponseMetadata"]["RequestId"] == sim.calls[-1]["request_id"]
+    assert sim.calls[-1]["code"] == code and sim.received == []
+
+
+async def test_invalid_request_reason_is_a_structure(client: Client) -> None:
+    with pytest.raises(ClientError) as caught:
+        await _send(client, destination="simulate:InvalidRequestException")
+
+    # botocore merges the modelled error members into the top level of the response dict.
+    assert caught.value.response["Reason"] == {
+        "AttachedFileInvalidRequestExceptionReason": "INVALID_FILE_SIZE"
+    }
+
+
+async def test_missing_required_field_is_invalid_request(sim: ConnectSimulator) -> None:
+    async with await _make_client(sim.url, parameter_validation=False) as connect:
+        with pytest.raises(ClientError) as caught:
+            await connect.send_chat_integration_event(SourceId="+15550001", Event={})
+
+    assert caught.value.response["Error"]["Code"] == "InvalidRequestException"
+    assert "DestinationId, Event.Type" in caught.value.response["Error"]["Message"]
+
+
+async def test_unsigned_request_is_refused(sim: ConnectSimulator) -> None:
+    body = {"SourceId": "s", "DestinationId": "d", "Event": {"Type": "EVENT"}}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(sim.url + "/chat-integration-event", json=body) as response,
+    ):
+        payload = await response.json()
+
+    assert response.status == 403
+    assert response.headers["x-amzn-ErrorType"].startswith("MissingAuthenticationTokenException:")
+    assert payload["message"]
+    assert sim.calls[0]["status"] == 403 and sim.received == []
+
+
+async def test_token_bucket_throttles_a_burst(sim: ConnectSimulator, client: Client) -> None:
+    # Given a quota of 5/s with a burst of 2
+    await _control(sim, "POST", "/_sim/config", {"rate": 5, "burst": 2})
+
+    # When 10 calls arrive at once
+    started = time.monotonic()
+    outcomes = await _outcomes(client, 10)
+    elapsed = time.monotonic() - started
+
+    # Then the burst gets through (plus what refilled meanwhile), the rest is throttled
+    ok = outcomes.count("ok")
+    assert 2 <= ok <= 2 + int(5 * elapsed)
+    assert outcomes.count("ThrottlingException") == 10 - ok
+    stats = await _control(sim, "GET", "/_sim/stats")
+    assert stats == {
+        "calls": 10,
+        "received": ok,
+        "by_outcome": {"ok": ok, "ThrottlingException": 10 - ok},
+    }
+
+    # And the bucket refills at the configured rate
+    await asyncio.sleep(0.25)
+    assert (await _send(client))["NewChatCreated"] in (True, False)
+
+
+async def test_rule_fails_matching_calls_the_given_number_of_times(
+    sim: ConnectSimulator, client: Client
+) -> None:
+    rule = {"match": {"DestinationId": "flaky"}, "code": "InternalServiceException", "times": 2}
+    await _control(sim, "POST", "/_sim/rules", rule)
+
+    for _ in range(2):
+        with pytest.raises(ClientError) as caught:
+            await _send(client, destination="flaky")
+        assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+    await _send(client, destination="other")
+    await _send(client, destination="flaky")
+
+    assert [c["code"] for c in sim.calls] == [
+        "InternalServiceException",
+        "InternalServiceException",
+        None,
+        None,
+    ]
+
+
+async def test_rule_without_times_fires_until_cleared(
+    sim: ConnectSimulator, client: Client
+) -> None:
+    await _control(
+        sim, "POST", "/_sim/rules", {"match": {}, "code": "AccessDeniedException", "status": 403}
+    )
+    for _ in range(3):
+        with pytest.raises(ClientError):
+            await _send(client)
+
+    await _control(sim, "DELETE", "/_sim/rules")
+
+    assert (await _send(client))["NewChatCreated"] is True
+
+
+async def test_outage_fails_every_call_then_recovers(sim: ConnectSimulator, client: Client) -> None:
+    await _control(sim, "POST", "/_sim/outage", {"seconds": 0.2})
+
+    with pytest.raises(ClientError) as caught:
+        await _send(client)
+    assert caught.value.response["Error"]["Code"] == "InternalServiceException"
+
+    await asyncio.sleep(0.25)
+    assert (await _send(client))["NewChatCreated"] is True
+
+
+async def test_stall_outage_times_out_the_client_but_still_delivers(
+    sim: ConnectSimulator,
+) -> None:
+    # Given calls that stall longer than the client's read timeout
+    await _control(sim, "POST", "/_sim/outage", {"seconds": 1, "stall": 0.3})
+
+    # When the client gives up waiting
+    async with await _make_client(sim.url, read_timeout=0.1) as connect:
+        with pytest.raises(ReadTimeoutError):
+            await _send(connect)
+
+    # Then Connect still processed the event: a retry would deliver it twice
+    for _ in range(50):
+        if sim.received:
+            break
+        await asyncio.sleep(0.02)
+    assert len(sim.received) == 1
+
+
+async def test_latency_delays_answers(sim: ConnectSimulator, client: Client) -> None:
+    await _control(sim, "POST", "/_sim/config", {"latency_ms": 60, "latency_jitter_ms": 10})
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    await _send(client)
+
+    assert loop.time() - started >= 0.06
+
+
+async def test_random_error_rates_are_seeded(sim: ConnectSimulator, client: Client) -> None:
+    await _control(sim, "POST", "/_sim/config", {"error_rates": {"ThrottlingException": 0.5}})
+
+    outcomes = await _outcomes(client, 20)
+
+    assert set(outcomes) == {"ok", "ThrottlingException"}
+    stats = await _control(sim, "GET", "/_sim/stats")
+    assert stats["received"] == outcomes.count("ok")
+
+
+async def test_reset_forgets_everything(sim: ConnectSimulator, client: Client) -> None:
+    await _send(client)
+    await _control(sim, "POST", "/_sim/outage", {"seconds": 30})
+
+    await _control(sim, "POST", "/_sim/reset")
+
+    assert await _control(sim, "GET", "/_sim/calls") == {"calls": []}
+    assert (await _send(client))["NewChatCreated"] is True
+
+
+async def test_bad_control_input_is_a_400(sim: ConnectSimulator) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(sim.url + "/_sim/config", json={"error_rates": {"X": 2}}) as response,
+    ):
+        assert response.status == 400
+        assert "must be in [0, 1]" in (await response.json())["message"]
+
+
+def test_parse_error_rates() -> None:
+    assert parse_error_rates(["ThrottlingException=0.1", "InternalServiceException=0.05"]) == {
+        "ThrottlingException": 0.1,
+        "InternalServiceException": 0.05,
+    }
+    for bad in (["Throttling"], ["=0.1"], ["X=lots"], ["X=1.5"], ["X=0.6", "Y=0.6"]):
+        with pytest.raises(ValueError):
+            parse_error_rates(bad)
+
+
+async def test_serve_runs_until_cancelled() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    task = asyncio.create_task(serve(SimulatorConfig(), "127.0.0.1", port))
+    await asyncio.sleep(0.05)
+
+    async with await _make_client(f"http://127.0.0.1:{port}") as connect:
+        assert (await _send(connect))["NewChatCreated"] is True
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
