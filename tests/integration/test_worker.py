@@ -81,8 +81,12 @@ async def test_each_api_error_lands_in_its_dead_letter_queue_with_headers(
         body = encode(event(destination))
         key = conversation_key(json.loads(body))
         message_id = await broker.publish(
-            body, routing_key=key, correlation_id=f"corr-{code}", timestamp=stamp,
-            content_type="application/json", headers={"x-producer": "gateway-7"},
+            body,
+            routing_key=key,
+            correlation_id=f"corr-{code}",
+            timestamp=stamp,
+            content_type="application/json",
+            headers={"x-producer": "gateway-7"},
         )
         published[variant] = (body, key, message_id, code, status)
 
@@ -145,8 +149,11 @@ MALFORMED = {
     "missing-field": encode({"SourceId": PHONE, "Event": {"Type": "DISCONNECT"}}),
     "bad-enum": encode({"SourceId": PHONE, "DestinationId": "a", "Event": {"Type": "HELLO"}}),
     "no-content": encode(
-        {"SourceId": PHONE, "DestinationId": "a", "Event": {"Type": "MESSAGE",
-                                                             "ContentType": "text/plain"}}
+        {
+            "SourceId": PHONE,
+            "DestinationId": "a",
+            "Event": {"Type": "MESSAGE", "ContentType": "text/plain"},
+        }
     ),
     "extra-field": encode(event(Extra=CONTENT)),
     "BodyTooLarge": encode(event(content="x" * 5000)),
@@ -163,9 +170,7 @@ async def test_malformed_bodies_are_dead_lettered_unchanged_and_never_sent(
 
     # When a worker with a 4 KiB body limit processes them
     await start_worker(WORKER_MAX_BODY_BYTES="4096")
-    await wait_until(
-        lambda: _count_is(broker, ErrorVariant.MALFORMED, len(MALFORMED))
-    )
+    await wait_until(lambda: _count_is(broker, ErrorVariant.MALFORMED, len(MALFORMED)))
 
     # Then every one is in MalformedEvent, byte for byte, with no input copied into headers
     letters = await broker.take_dead_letters("MalformedEvent")
@@ -211,9 +216,7 @@ async def test_unroutable_dead_letter_keeps_the_original(
     assert await broker.work_count() == 0
 
 
-async def test_sigterm_while_idle_exits_zero(
-    broker: Broker, start_worker: StartWorker
-) -> None:
+async def test_sigterm_while_idle_exits_zero(broker: Broker, start_worker: StartWorker) -> None:
     worker = await start_worker()
     worker.signal(signal.SIGTERM)
     assert await worker.wait(timeout=15) == 0
