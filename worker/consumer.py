@@ -107,8 +107,8 @@ class MessageHandler:
             raise
         except Exception as error:  # a bug must cost one dead letter, not the worker
             self._log.exception("event.unexpected_error", message_id=message.message_id)
-            failure = PermanentApiError(ErrorVariant.UNKNOWN, type(error).__name__, "worker error")
-            await self._settler.settle(message, failure, self._context(attempts))
+            bug = PermanentApiError(ErrorVariant.UNKNOWN, type(error).__name__, "worker error")
+            await self._settler.settle(message, bug, self._context(attempts))
         else:
             await self._settler.settle(message)
 

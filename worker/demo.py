@@ -1,0 +1,173 @@
+"""`chat-worker demo`: the simulator, sample traffic of every outcome, the real worker, a report."""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+from aio_pika.abc import AbstractChannel
+
+from worker.errors import ErrorVariant
+from worker.publisher import publish_bodies
+from worker.settings import WorkerSettings
+from worker.simulator import ConnectSimulator, SimulatorConfig
+from worker.topology import all_queue_names, declare_topology, work_queue_name
+
+DEMO_QUEUE = "chat-integration-events-demo"
+DRAIN_TIMEOUT_SECONDS = 90.0
+API_ERRORS = [
+    "AccessDeniedException:403",
+    "InvalidRequestException:400",
+    "ResourceNotFoundException:404",
+    "ThrottlingException:429",
+    "InternalServiceException:500",
+    "UnsupportedOperationException:400",
+]
+MALFORMED = [
+    b"this is not JSON",
+    b'{"SourceId": "\xff\xfe"}',
+    b'["a", "JSON", "array"]',
+    b'{"SourceId": "+15550100", "Event": {"Type": "DISCONNECT"}}',
+    b'{"SourceId": "+15550100", "DestinationId": "x", "Event": {"Type": "HELLO"}}',
+]
+
+
+def _event(source: str, destination: str, kind: str, text: str = "") -> bytes:
+    """Encode one sample event."""
+    event: dict[str, Any] = {"Type": kind}
+    if kind == "MESSAGE":
+        event.update(ContentType="text/plain", Content=text)
+    body: dict[str, Any] = {"SourceId": source, "DestinationId": destination}
+    body.update(Subtype="connect:SMS", Event=event)
+    return json.dumps(body).encode()
+
+
+def sample_traffic() -> list[bytes]:
+    """Return 6 conversations of 5 events, one event per API error, and malformed bodies."""
+    bodies = []
+    for chat in range(6):
+        source = f"+1555010{chat:04d}"
+        for turn in range(4):
+            bodies.append(_event(source, "+18005550199", "MESSAGE", f"demo message {turn}"))
+        bodies.append(_event(source, "+18005550199", "DISCONNECT"))
+    for error in API_ERRORS:
+        bodies.append(_event("+15550109999", f"simulate:{error}", "MESSAGE", "will fail"))
+    return bodies + MALFORMED
+
+
+def demo_environment(settings: WorkerSettings, base: str, endpoint: str) -> dict[str, str]:
+    """Return the worker's environment: the simulator as Connect, short retry budgets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "AWS_"))}
+    env.update(
+        WORKER_AMQP_URL=settings.amqp_url.get_secret_value(),
+        WORKER_QUEUE=base,
+        WORKER_HTTP_PORT=str(settings.http_port),
+        WORKER_THROTTLE_MAX_ATTEMPTS="4",
+        WORKER_TRANSIENT_MAX_ATTEMPTS="4",
+        WORKER_BACKOFF_MAX_SECONDS="0.5",
+        AWS_ENDPOINT_URL_CONNECT=endpoint,
+        AWS_ACCESS_KEY_ID="AKIDDEMO",
+        AWS_SECRET_ACCESS_KEY="demo-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
+async def _reset_topology(channel: AbstractChannel, base: str) -> None:
+    """Declare the demo's topology and empty its queues from any earlier run."""
+    await declare_topology(channel, base)
+    for name in all_queue_names(base):
+        await (await channel.get_queue(name)).purge()
+
+
+async def _dead_letter_counts(channel: AbstractChannel, base: str) -> dict[str, int]:
+    """Count the messages in each dead-letter queue."""
+    counts = {}
+    for variant in ErrorVariant:
+        queue = await channel.declare_queue(f"{base}.dlq.{variant.value}", passive=True)
+        counts[variant.value] = queue.declaration_result.message_count or 0
+    return counts
+
+
+async def _wait_for_outcomes(
+    sim: ConnectSimulator, channel: AbstractChannel, base: str, expected: int
+) -> dict[str, int]:
+    """Wait until every published event was delivered or dead-lettered."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_TIMEOUT_SECONDS
+    while True:
+        counts = await _dead_letter_counts(channel, base)
+        if len(sim.received) + sum(counts.values()) >= expected or loop.time() > deadline:
+            return counts
+        await asyncio.sleep(0.2)
+
+
+async def _start_worker(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
+    """Start `chat-worker run` as its own process, logging to a file."""
+    with log_path.open("wb") as log_file:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "run", env=env, stdout=log_file, stderr=log_file
+        )
+
+
+async def _throttle_one_conversation(url: str) -> None:
+    """Ask the simulator to throttle the first chat twice, to show a retry that succeeds."""
+    rule = {"match": {"SourceId": "+15550100000"}, "code": "ThrottlingException", "times": 2}
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/_sim/rules", json=rule) as r:
+        r.raise_for_status()
+
+
+def print_report(
+    base: str, published: int, sim: ConnectSimulator, counts: dict[str, int], left: int, code: int
+) -> None:
+    """Print what happened to every event."""
+    outcomes = Counter(call["code"] or "ok" for call in sim.calls)
+    rows = [("published", published), ("delivered to Connect", len(sim.received))]
+    rows += [(f"  dead-lettered {variant}", n) for variant, n in counts.items()]
+    rows += [("left in the work queue", left), ("worker exit code", code)]
+    print(f"\nconnect-chat-worker demo: exchange {base!r}, Connect simulator {sim.url}\n")
+    for label, value in rows:
+        print(f"  {label:<45}{value:>6}")
+    calls = ", ".join(f"{name} {n}" for name, n in sorted(outcomes.items()))
+    print(f"\n  API calls made: {len(sim.calls)} ({calls})")
+    accounted = len(sim.received) + sum(counts.values()) == published and left == 0
+    print(f"  every event accounted for: {'yes' if accounted else 'NO'}\n")
+
+
+async def run_demo(settings: WorkerSettings) -> int:
+    """Run the whole demo; return 0 when every event was accounted for."""
+    base = DEMO_QUEUE if settings.queue == "chat-integration-events" else settings.queue
+    sim = ConnectSimulator(SimulatorConfig(latency_ms=20, latency_jitter_ms=20, seed=1))
+    await sim.start()
+    log_path = Path(tempfile.gettempdir()) / "chat-worker-demo.log"
+    # A plain connection: a robust channel answers a passive declare from its cache, so the
+    # message counts the demo polls would never change.
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await _reset_topology(channel, base)
+        await _throttle_one_conversation(sim.url)
+        bodies = sample_traffic()
+        exchange = await channel.get_exchange(base)
+        published = await publish_bodies(exchange, bodies)
+        print(f"published {published} sample events; starting the worker (log: {log_path})")
+        worker = await _start_worker(demo_environment(settings, base, sim.url), log_path)
+        counts = await _wait_for_outcomes(sim, channel, base, published)
+        worker.send_signal(signal.SIGTERM)
+        code = await worker.wait()
+        left = await channel.declare_queue(work_queue_name(base), passive=True)
+        remaining = left.declaration_result.message_count or 0
+        print_report(base, published, sim, counts, remaining, code)
+        ok = code == 0 and len(sim.received) + sum(counts.values()) == published
+        return 0 if ok and remaining == 0 else 1
+    finally:
+        await connection.close()
+        await sim.stop()
