@@ -11,8 +11,14 @@ from tenacity import RetryCallState
 
 from worker.connect_client import ConnectClient
 from worker.dead_letter import FailureContext
-from worker.errors import ErrorVariant, EventFailure, MalformedEventError, PermanentApiError
-from worker.models import ChatIntegrationEvent, conversation_key
+from worker.errors import (
+    ErrorVariant,
+    EventFailure,
+    MalformedEventError,
+    PermanentApiError,
+    TransientApiError,
+)
+from worker.models import API_FIELD_NAMES, ChatIntegrationEvent, conversation_key
 from worker.observability import scrub, short_key
 from worker.policy import RetryPolicy
 from worker.settlement import Settler
@@ -55,10 +61,20 @@ def decode(body: bytes, max_body_bytes: int) -> ChatIntegrationEvent:
         raise _classify(body, error) from None
 
 
+def redact_location(location: tuple[int | str, ...]) -> list[int | str]:
+    """Keep the API's field names and list indexes of an error location; hide map keys.
+
+    Attribute keys are the producer's data and may hold personal data.
+    """
+    return [
+        part if isinstance(part, int) or part in API_FIELD_NAMES else "<key>" for part in location
+    ]
+
+
 def _classify(body: bytes, error: ValidationError) -> EventFailure:
     """Name what kind of malformed body this is, without copying any input value."""
     details = [
-        {"type": item["type"], "loc": list(item["loc"]), "msg": item["msg"]}
+        {"type": item["type"], "loc": redact_location(item["loc"]), "msg": item["msg"]}
         for item in error.errors(include_input=False, include_url=False, include_context=False)
     ]
     first = details[0]["type"] if details else ""
@@ -132,7 +148,11 @@ class MessageHandler:
         async for attempt in self._policy.retrying(before_sleep=log_retry):
             with attempt:
                 attempts.record()
-                await self._client.send(event)
+                try:
+                    await self._client.send(event)
+                except TransientApiError as failure:
+                    attempts.ambiguous += failure.ambiguous
+                    raise
         self._log.debug("event.delivered", message_id=message.message_id, attempts=attempts.count)
 
     def _context(self, attempts: Attempts) -> FailureContext:
@@ -140,6 +160,7 @@ class MessageHandler:
         failed_at = _now()
         return FailureContext(
             attempts=attempts.count,
+            ambiguous_attempts=attempts.ambiguous,
             first_attempt_at=attempts.first_at or failed_at,
             failed_at=failed_at,
             queue=self._queue_name,

@@ -14,7 +14,31 @@ from aio_pika.abc import AbstractIncomingMessage, HeadersType
 from worker.errors import EventFailure
 
 MAX_MESSAGE_BYTES = 1024
-MAX_VALIDATION_ERRORS = 20
+MAX_VALIDATION_ERRORS_BYTES = 4096
+
+# Headers a dead letter gets from its failure. A redriven dead letter that fails again must not
+# keep the ones its new failure lacks, so all are dropped before the new ones are added.
+# `x-delivery-count` is the work queue's own count, meaningless outside it.
+REPLACED_HEADERS = frozenset(
+    {
+        "x-error-variant",
+        "x-error-code",
+        "x-error-message",
+        "x-error-reason",
+        "x-http-status",
+        "x-aws-request-id",
+        "x-attempts",
+        "x-ambiguous-attempts",
+        "x-first-attempt-at",
+        "x-failed-at",
+        "x-original-exchange",
+        "x-original-routing-key",
+        "x-original-queue",
+        "x-worker-id",
+        "x-validation-errors",
+        "x-delivery-count",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -22,6 +46,7 @@ class FailureContext:
     """Where and when an event failed, beyond the failure itself."""
 
     attempts: int
+    ambiguous_attempts: int
     first_attempt_at: datetime
     failed_at: datetime
     queue: str
@@ -53,6 +78,7 @@ def error_headers(failure: EventFailure, context: FailureContext) -> dict[str, s
         "x-error-code": failure.code,
         "x-error-message": truncate_utf8(failure.message, MAX_MESSAGE_BYTES),
         "x-attempts": str(context.attempts),
+        "x-ambiguous-attempts": str(context.ambiguous_attempts),
         "x-first-attempt-at": iso_utc(context.first_attempt_at),
         "x-failed-at": iso_utc(context.failed_at),
         "x-original-queue": context.queue,
@@ -65,10 +91,18 @@ def error_headers(failure: EventFailure, context: FailureContext) -> dict[str, s
     if failure.reason is not None:
         headers["x-error-reason"] = compact_json(failure.reason)
     if failure.validation_errors:
-        headers["x-validation-errors"] = compact_json(
-            failure.validation_errors[:MAX_VALIDATION_ERRORS]
-        )
+        headers["x-validation-errors"] = bounded_errors_json(failure.validation_errors)
     return headers
+
+
+def bounded_errors_json(errors: list[dict[str, Any]]) -> str:
+    """Serialise as many leading errors as fit in 4 KiB, so the header always fits a frame."""
+    kept = list(errors)
+    text = compact_json(kept)
+    while len(text.encode("utf-8")) > MAX_VALIDATION_ERRORS_BYTES and kept:
+        kept = kept[: len(kept) // 2]
+        text = compact_json(kept)
+    return text
 
 
 def build_dead_letter(
@@ -79,7 +113,11 @@ def build_dead_letter(
     `user_id` and `expiration` are not copied: the broker would refuse a foreign user id, and
     a dead letter must not expire before an operator has seen it.
     """
-    headers: HeadersType = dict(message.headers or {})
+    headers: HeadersType = {
+        name: value
+        for name, value in (message.headers or {}).items()
+        if name not in REPLACED_HEADERS
+    }
     headers.update(error_headers(failure, context))
     headers["x-original-exchange"] = message.exchange or ""
     headers["x-original-routing-key"] = message.routing_key or ""

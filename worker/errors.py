@@ -11,6 +11,7 @@ from typing import Any
 
 from botocore.exceptions import (
     ClientError,
+    ConnectionClosedError,
     HTTPClientError,
     ReadTimeoutError,
 )
@@ -93,7 +94,8 @@ def translate_error(error: Exception) -> EventFailure:
         return _translate_client_error(error)
     if isinstance(error, BotoConnectionError | HTTPClientError):
         failure = TransientApiError(ErrorVariant.UNKNOWN, type(error).__name__, str(error))
-        failure.ambiguous = isinstance(error, ReadTimeoutError)
+        # The request may have reached Connect before the answer was lost: a retry may duplicate.
+        failure.ambiguous = isinstance(error, ReadTimeoutError | ConnectionClosedError)
         return failure
     # Missing credentials or region, a parser failure, a bug: nothing a retry would fix.
     return PermanentApiError(ErrorVariant.UNKNOWN, type(error).__name__, str(error))

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 # String types bounded like the API's; lengths count characters, as the API's do, not bytes.
 Text100 = Annotated[str, StringConstraints(min_length=1, max_length=100)]
@@ -41,7 +41,8 @@ class EventType(StrEnum):
 class ChatEvent(_ApiShape):
     """The `Event` structure."""
 
-    Type: EventType
+    # Lax for this one field so that Python callers may pass "MESSAGE" as well as the enum.
+    Type: Annotated[EventType, Field(strict=False)]
     ContentType: Text100 | None = None
     Content: ContentText | None = None
 
@@ -88,6 +89,20 @@ class ChatIntegrationEvent(_ApiShape):
     def to_request(self) -> dict[str, Any]:
         """Return the keyword arguments of the API call, leaving out absent fields."""
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    """Collect the field names of a model and of the models nested in it."""
+    names = set(model.model_fields)
+    for info in model.model_fields.values():
+        for candidate in (info.annotation, *getattr(info.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                names |= _field_names(candidate)
+    return names
+
+
+API_FIELD_NAMES = frozenset(_field_names(ChatIntegrationEvent))
+"""Every field name of the request; what error locations may show of a body."""
 
 
 def conversation_key(event: ChatIntegrationEvent | Mapping[str, Any]) -> str:

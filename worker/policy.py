@@ -1,7 +1,8 @@
 """What is retried, how often and how long: one table, looked up once per failure.
 
-Precedence: the HTTP status first (any 429 follows the ThrottlingException rule, any 5xx or
-transport failure the InternalServiceException rule), then the variant's own rule.
+Precedence: the failure's class first, which `errors.translate_error` chose from the HTTP status
+(any 429 follows the ThrottlingException rule, any 5xx or transport failure the
+InternalServiceException rule, anything permanent is never retried), then the variant's rule.
 """
 
 from collections.abc import Callable, Mapping
@@ -9,7 +10,14 @@ from dataclasses import dataclass
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
-from worker.errors import ErrorVariant, EventFailure, ThrottledApiError, TransientApiError
+from worker.errors import (
+    ErrorVariant,
+    EventFailure,
+    MalformedEventError,
+    PermanentApiError,
+    ThrottledApiError,
+    TransientApiError,
+)
 from worker.settings import WorkerSettings
 
 
@@ -63,6 +71,8 @@ class RetryPolicy:
             return self._table[ErrorVariant.THROTTLING]
         if isinstance(failure, TransientApiError):
             return self._table[ErrorVariant.INTERNAL_SERVICE]
+        if isinstance(failure, PermanentApiError | MalformedEventError):
+            return NEVER
         if isinstance(failure, EventFailure):
             return self._table.get(failure.variant, NEVER)
         return NEVER

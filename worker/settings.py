@@ -45,7 +45,9 @@ class WorkerSettings(BaseSettings):
     log_level: str = "INFO"
 
     aws_region: str | None = Field(
-        None, validation_alias=AliasChoices("aws_region", "AWS_DEFAULT_REGION", "AWS_REGION")
+        None,
+        validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION"),
+        description="AWS_DEFAULT_REGION wins over AWS_REGION, as in botocore",
     )
     connect_timeout_seconds: float = Field(3.0, gt=0)
     read_timeout_seconds: float = Field(10.0, gt=0)

@@ -1,0 +1,79 @@
+"""Exchange and queue names derived from the base name (SPEC §3, §4)."""
+
+import pytest
+
+from worker.errors import ErrorVariant
+from worker.topology import (
+    all_queue_names,
+    dead_letter_exchange_name,
+    dead_letter_queue_name,
+    input_exchange_name,
+    work_queue_name,
+)
+
+BASE = "chat-integration-events"
+LONGEST_BASE = "q" * 200  # the longest base name the settings accept
+AMQP_NAME_LIMIT = 255  # bytes, a shortstr
+
+
+def test_input_exchange_is_the_base_name_itself() -> None:
+    assert input_exchange_name(BASE) == "chat-integration-events"
+
+
+def test_work_queue_name() -> None:
+    assert work_queue_name(BASE) == "chat-integration-events.work"
+
+
+def test_dead_letter_exchange_name() -> None:
+    assert dead_letter_exchange_name(BASE) == "chat-integration-events.dlx"
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        (ErrorVariant.ACCESS_DENIED, "chat-integration-events.dlq.AccessDeniedException"),
+        (ErrorVariant.INTERNAL_SERVICE, "chat-integration-events.dlq.InternalServiceException"),
+        (ErrorVariant.INVALID_REQUEST, "chat-integration-events.dlq.InvalidRequestException"),
+        (ErrorVariant.RESOURCE_NOT_FOUND, "chat-integration-events.dlq.ResourceNotFoundException"),
+        (ErrorVariant.THROTTLING, "chat-integration-events.dlq.ThrottlingException"),
+        (ErrorVariant.UNKNOWN, "chat-integration-events.dlq.UnknownError"),
+        (ErrorVariant.MALFORMED, "chat-integration-events.dlq.MalformedEvent"),
+    ],
+)
+def test_dead_letter_queue_name_per_variant(variant: ErrorVariant, expected: str) -> None:
+    assert dead_letter_queue_name(BASE, variant) == expected
+
+
+def test_dead_letter_queue_name_accepts_the_variant_as_a_string() -> None:
+    assert (
+        dead_letter_queue_name(BASE, "UnknownError") == "chat-integration-events.dlq.UnknownError"
+    )
+
+
+def test_dead_letter_queue_name_rejects_an_unknown_variant() -> None:
+    with pytest.raises(ValueError):
+        dead_letter_queue_name(BASE, "NoSuchVariant")
+
+
+def test_all_queue_names_lists_the_work_queue_first_then_one_queue_per_variant() -> None:
+    names = all_queue_names(BASE)
+
+    assert names[0] == "chat-integration-events.work"
+    assert sorted(names[1:]) == sorted(
+        f"chat-integration-events.dlq.{variant.value}" for variant in ErrorVariant
+    )
+    assert len(names) == len(set(names)) == 8
+
+
+def test_names_of_different_bases_do_not_collide() -> None:
+    assert not set(all_queue_names("a")) & set(all_queue_names("b"))
+
+
+def test_every_derived_name_of_the_longest_base_fits_amqp_limit() -> None:
+    names = [
+        input_exchange_name(LONGEST_BASE),
+        dead_letter_exchange_name(LONGEST_BASE),
+        *all_queue_names(LONGEST_BASE),
+    ]
+
+    assert max(len(name.encode("utf-8")) for name in names) <= AMQP_NAME_LIMIT
