@@ -1,7 +1,6 @@
-"""One message's life: decode -> validate -> send (with retries) -> settle."""
+"""One message's life: decode -> validate -> wait for its turn -> send (with retries) -> settle."""
 
 import asyncio
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,32 +15,15 @@ from worker.errors import (
     EventFailure,
     MalformedEventError,
     PermanentApiError,
-    TransientApiError,
+    ThrottledApiError,
 )
+from worker.guard import Attempts, CallGuard
+from worker.metrics import Metrics
 from worker.models import API_FIELD_NAMES, ChatIntegrationEvent, conversation_key
-from worker.observability import scrub, short_key
+from worker.observability import short_key
+from worker.ordering import ConversationLines, Outcome
 from worker.policy import RetryPolicy
 from worker.settlement import Settler
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass
-class Attempts:
-    """Count the API calls made for one message, and when the first one was."""
-
-    count: int = 0
-    first_at: datetime | None = None
-    ambiguous: int = 0
-    received_at: datetime = field(default_factory=_now)
-
-    def record(self) -> None:
-        """Note one more call."""
-        self.count += 1
-        if self.first_at is None:
-            self.first_at = _now()
 
 
 def malformed(code: str, message: str, errors: list[dict[str, Any]] | None = None) -> EventFailure:
@@ -96,73 +78,111 @@ class MessageHandler:
         self,
         client: ConnectClient,
         policy: RetryPolicy,
+        guard: CallGuard,
         settler: Settler,
+        metrics: Metrics,
         *,
-        queue_name: str,
         worker_id: str,
         max_body_bytes: int,
         log: Any,
     ) -> None:
         self._client = client
         self._policy = policy
+        self._guard = guard
         self._settler = settler
-        self._queue_name = queue_name
+        self._metrics = metrics
+        self._lines = ConversationLines()
         self._worker_id = worker_id
         self._max_body_bytes = max_body_bytes
         self._log = log
 
-    async def handle(self, message: AbstractIncomingMessage) -> None:
-        """Deliver one message to Connect, or dead-letter it; then settle it."""
+    async def handle(self, message: AbstractIncomingMessage, queue_name: str) -> None:
+        """Deliver one message to Connect, or dead-letter it, or hand it back; never raise."""
+        self._metrics.consumed.inc()
         attempts = Attempts()
         try:
             event = decode(message.body, self._max_body_bytes)
-            await self.send(event, attempts, message)
         except EventFailure as failure:
-            await self._settler.settle(message, failure, self._context(attempts))
+            await self._dead_letter(message, failure, attempts, queue_name)
+            return
+        # Take the turn before the first await: deliveries arrive in queue order.
+        turn = self._lines.enter(conversation_key(event))
+        outcome = Outcome.HANDED_BACK
+        try:
+            if not await turn.wait():
+                await self._settler.hand_back(message)
+                return
+            outcome = await self._deliver(message, event, attempts, queue_name)
+        finally:
+            turn.finish(outcome)
+
+    async def _deliver(
+        self,
+        message: AbstractIncomingMessage,
+        event: ChatIntegrationEvent,
+        attempts: Attempts,
+        queue_name: str,
+    ) -> Outcome:
+        """Send, then settle; return whether the message was settled or handed back."""
+        try:
+            await self._send(event, attempts, message)
+        except EventFailure as failure:
+            acked = await self._dead_letter(message, failure, attempts, queue_name)
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
         except Exception as error:  # a bug must cost one dead letter, not the worker
             self._log.exception("event.unexpected_error", message_id=message.message_id)
             bug = PermanentApiError(ErrorVariant.UNKNOWN, type(error).__name__, "worker error")
-            await self._settler.settle(message, bug, self._context(attempts))
+            acked = await self._dead_letter(message, bug, attempts, queue_name)
         else:
-            await self._settler.settle(message)
+            self._metrics.delivered.inc()
+            acked = await self._settler.settle(message)
+        return Outcome.SETTLED if acked else Outcome.HANDED_BACK
 
-    async def send(
+    async def _send(
         self, event: ChatIntegrationEvent, attempts: Attempts, message: AbstractIncomingMessage
     ) -> None:
         """Call Connect until it succeeds or the retry policy gives up (then raise)."""
 
-        def log_retry(state: RetryCallState) -> None:
+        def before_retry(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
-            self._log.info(
+            reason = "throttled" if isinstance(error, ThrottledApiError) else "transient"
+            self._metrics.retries.labels(reason=reason).inc()
+            self._log.debug(
                 "event.retrying",
                 message_id=message.message_id,
-                conversation=short_key(conversation_key(event)),
-                attempt=state.attempt_number,
+                conversation=short_key(message.routing_key),
+                attempt=attempts.calls,
                 error_code=getattr(error, "code", None),
-                error=scrub(str(error)),
                 sleep=round(state.upcoming_sleep, 3),
             )
 
-        async for attempt in self._policy.retrying(before_sleep=log_retry):
-            with attempt:
-                attempts.record()
-                try:
-                    await self._client.send(event)
-                except TransientApiError as failure:
-                    attempts.ambiguous += failure.ambiguous
-                    raise
-        self._log.debug("event.delivered", message_id=message.message_id, attempts=attempts.count)
+        def charged() -> tuple[int, float]:
+            return attempts.charged, attempts.budget_seconds()
 
-    def _context(self, attempts: Attempts) -> FailureContext:
-        """Describe where and when a message failed, for its dead letter."""
-        failed_at = _now()
-        return FailureContext(
-            attempts=attempts.count,
+        async for attempt in self._policy.retrying(charged, before_sleep=before_retry):
+            with attempt:
+                await self._guard.call(lambda: self._client.send(event), attempts)
+        self._log.debug("event.delivered", message_id=message.message_id, calls=attempts.calls)
+
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        failure: EventFailure,
+        attempts: Attempts,
+        queue_name: str,
+    ) -> bool:
+        """Publish the dead letter and ack; return True once the original is acked."""
+        failed_at = datetime.now(UTC)
+        context = FailureContext(
+            attempts=attempts.calls,
             ambiguous_attempts=attempts.ambiguous,
             first_attempt_at=attempts.first_at or failed_at,
             failed_at=failed_at,
-            queue=self._queue_name,
+            queue=queue_name,
             worker_id=self._worker_id,
         )
+        acked = await self._settler.settle(message, failure, context)
+        if acked:
+            self._metrics.dead_lettered.labels(variant=failure.variant.value).inc()
+        return acked

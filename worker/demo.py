@@ -18,7 +18,7 @@ from worker.errors import ErrorVariant
 from worker.publisher import publish_bodies
 from worker.settings import WorkerSettings
 from worker.simulator import ConnectSimulator, SimulatorConfig
-from worker.topology import all_queue_names, declare_topology, work_queue_name
+from worker.topology import all_queue_names, declare_topology, work_queue_names
 
 DEMO_QUEUE = "chat-integration-events-demo"
 DRAIN_TIMEOUT_SECONDS = 90.0
@@ -68,7 +68,7 @@ def demo_environment(settings: WorkerSettings, base: str, endpoint: str) -> dict
     env.update(
         WORKER_AMQP_URL=settings.amqp_url.get_secret_value(),
         WORKER_QUEUE=base,
-        WORKER_HTTP_PORT=str(settings.http_port),
+        WORKER_HTTP_PORT="0",
         WORKER_THROTTLE_MAX_ATTEMPTS="4",
         WORKER_TRANSIENT_MAX_ATTEMPTS="4",
         WORKER_BACKOFF_MAX_SECONDS="0.5",
@@ -81,10 +81,10 @@ def demo_environment(settings: WorkerSettings, base: str, endpoint: str) -> dict
     return env
 
 
-async def _reset_topology(channel: AbstractChannel, base: str) -> None:
+async def _reset_topology(channel: AbstractChannel, base: str, partitions: int) -> None:
     """Declare the demo's topology and empty its queues from any earlier run."""
-    await declare_topology(channel, base)
-    for name in all_queue_names(base):
+    await declare_topology(channel, base, partitions)
+    for name in all_queue_names(base, partitions):
         await (await channel.get_queue(name)).purge()
 
 
@@ -108,6 +108,15 @@ async def _wait_for_outcomes(
         if len(sim.received) + sum(counts.values()) >= expected or loop.time() > deadline:
             return counts
         await asyncio.sleep(0.2)
+
+
+async def _waiting(channel: AbstractChannel, base: str, partitions: int) -> int:
+    """Count the events still waiting in the work queues."""
+    total = 0
+    for name in work_queue_names(base, partitions):
+        queue = await channel.declare_queue(name, passive=True)
+        total += queue.declaration_result.message_count or 0
+    return total
 
 
 async def _start_worker(env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
@@ -153,7 +162,7 @@ async def run_demo(settings: WorkerSettings) -> int:
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await _reset_topology(channel, base)
+        await _reset_topology(channel, base, settings.partitions)
         await _throttle_one_conversation(sim.url)
         bodies = sample_traffic()
         exchange = await channel.get_exchange(base)
@@ -163,8 +172,7 @@ async def run_demo(settings: WorkerSettings) -> int:
         counts = await _wait_for_outcomes(sim, channel, base, published)
         worker.send_signal(signal.SIGTERM)
         code = await worker.wait()
-        left = await channel.declare_queue(work_queue_name(base), passive=True)
-        remaining = left.declaration_result.message_count or 0
+        remaining = await _waiting(channel, base, settings.partitions)
         print_report(base, published, sim, counts, remaining, code)
         ok = code == 0 and len(sim.received) + sum(counts.values()) == published
         return 0 if ok and remaining == 0 else 1

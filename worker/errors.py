@@ -43,6 +43,24 @@ _MODELLED_CODES = frozenset(
     variant.value for variant in ErrorVariant if variant.value.endswith("Exception")
 )
 
+# Codes that say the caller, not the event, is refused: wrong role, Region or credentials.
+ACCOUNT_ERROR_CODES = frozenset(
+    {
+        "AccessDeniedException",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "InvalidClientTokenId",
+        "ExpiredTokenException",
+        "ExpiredToken",
+        "MissingAuthenticationTokenException",
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "CredentialRetrievalError",
+    }
+)
+
 
 @dataclass
 class EventFailure(Exception):
@@ -77,6 +95,15 @@ class TransientApiError(EventFailure):
 
 class ThrottledApiError(TransientApiError):
     """Connect answered 429: the shared quota is exhausted for now."""
+
+
+class AccountSuspectError(EventFailure):
+    """Access was refused while nothing else got through: likely the account, not the event."""
+
+
+def is_account_error(failure: EventFailure) -> bool:
+    """Return True when a failure refuses the caller rather than the event."""
+    return isinstance(failure, PermanentApiError) and failure.code in ACCOUNT_ERROR_CODES
 
 
 def variant_for_code(code: str) -> ErrorVariant:

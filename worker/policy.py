@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from worker.errors import (
+    AccountSuspectError,
     ErrorVariant,
     EventFailure,
     MalformedEventError,
@@ -31,6 +32,9 @@ class RetryRule:
 
 
 NEVER = RetryRule(retry=False)
+# An event refused while the whole account seems refused is held, not dead-lettered: the
+# account breaker paces its attempts, and the worker hands it back before consumer_timeout.
+HOLD = RetryRule(retry=True, max_attempts=2**31, max_seconds=float("inf"))
 
 
 def retry_table(settings: WorkerSettings) -> Mapping[ErrorVariant, RetryRule]:
@@ -67,6 +71,8 @@ class RetryPolicy:
 
     def rule_for(self, failure: BaseException) -> RetryRule:
         """Return the rule that governs a failure (status before variant, see module doc)."""
+        if isinstance(failure, AccountSuspectError):
+            return HOLD
         if isinstance(failure, ThrottledApiError):
             return self._table[ErrorVariant.THROTTLING]
         if isinstance(failure, TransientApiError):
@@ -78,25 +84,32 @@ class RetryPolicy:
         return NEVER
 
     def should_retry(self, failure: BaseException, attempts: int, elapsed: float) -> bool:
-        """Return True while the failure is retryable and its budget is not spent."""
+        """Return True while the failure is retryable and its budget is not spent.
+
+        `attempts` and `elapsed` are what was charged to the message: probes and time held
+        back by the breakers and the rate limiter are not.
+        """
         rule = self.rule_for(failure)
         return rule.retry and attempts < rule.max_attempts and elapsed < rule.max_seconds
 
     def retrying(
-        self, before_sleep: Callable[[RetryCallState], None] | None = None
+        self,
+        charged: Callable[[], tuple[int, float]],
+        before_sleep: Callable[[RetryCallState], None] | None = None,
     ) -> AsyncRetrying:
-        """Return a tenacity loop: full-jitter exponential backoff, stopped by the budget."""
+        """Return a tenacity loop: full-jitter exponential backoff, stopped by the budget.
+
+        `charged` returns the attempts and seconds charged to the message so far.
+        """
+
+        def budget_spent(state: RetryCallState) -> bool:
+            error = state.outcome.exception() if state.outcome else None
+            return error is None or not self.should_retry(error, *charged())
+
         return AsyncRetrying(
             before_sleep=before_sleep,
             retry=retry_if_exception(lambda error: self.rule_for(error).retry),
-            stop=self._budget_spent,
+            stop=budget_spent,
             wait=wait_random_exponential(multiplier=self._backoff_base, max=self._backoff_max),
             reraise=True,
         )
-
-    def _budget_spent(self, state: RetryCallState) -> bool:
-        """Stop when the last failure's rule allows no further attempt."""
-        error = state.outcome.exception() if state.outcome else None
-        if error is None:
-            return True
-        return not self.should_retry(error, state.attempt_number, state.seconds_since_start or 0)

@@ -45,11 +45,13 @@ async def publish_bodies(exchange: AbstractExchange, bodies: Iterable[bytes]) ->
     return count
 
 
-async def publish_file_lines(amqp_url: str, base: str, lines: Iterable[bytes]) -> int:
+async def publish_file_lines(
+    amqp_url: str, base: str, partitions: int, lines: Iterable[bytes]
+) -> int:
     """Declare the topology, then publish every non-blank line as one event."""
     connection = await aio_pika.connect_robust(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        topology = await declare_topology(channel, base)
+        topology = await declare_topology(channel, base, partitions)
         bodies = (line.rstrip(b"\r\n") for line in lines if line.strip())
         return await publish_bodies(topology.input_exchange, bodies)

@@ -39,6 +39,7 @@ class WorkerSettings(BaseSettings):
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
     queue: str = "chat-integration-events"
     prefetch: int = Field(64, ge=1, le=65535)
+    partitions: int = Field(8, ge=1, le=64)
     http_port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(256 * 1024, ge=1)
     worker_id: str = Field(default_factory=_default_worker_id)
@@ -60,6 +61,16 @@ class WorkerSettings(BaseSettings):
     backoff_max_seconds: float = Field(20.0, gt=0)
     dead_letter_retry_delay_seconds: float = Field(1.0, ge=0)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
+
+    rate_initial: float = Field(20.0, gt=0)
+    rate_max: float = Field(10_000.0, gt=0)
+    rate_min: float = Field(0.2, gt=0)
+    outage_threshold: int = Field(5, ge=1)
+    account_threshold: int = Field(3, ge=1)
+    account_memory_seconds: float = Field(60.0, gt=0)
+    probe_seconds: float = Field(1.0, gt=0)
+    probe_max_seconds: float = Field(15.0, gt=0)
+    max_hold_seconds: float = Field(20 * 60.0, gt=0, lt=30 * 60.0)
 
     @field_validator("queue")
     @classmethod

@@ -63,6 +63,15 @@ class Settler:
         )
         return await self._ack(message)
 
+    async def hand_back(self, message: AbstractIncomingMessage) -> None:
+        """Return a message unsettled, at once, for the broker to deliver again."""
+        try:
+            await message.nack(requeue=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self._log.warning("message.nack_lost", message_id=message.message_id, error=repr(error))
+
     async def _ack(self, message: AbstractIncomingMessage) -> bool:
         """Ack; a closed channel means the broker redelivers the message anyway."""
         try:

@@ -1,7 +1,14 @@
 """Exchange and queue names (pure functions) and their idempotent declaration.
 
 Producers only know the input exchange `<queue>`, a durable fanout, so its type never has to
-change; everything behind it is named `<queue>.…` and belongs to the worker.
+change; everything behind it is named `<queue>.…` and belongs to the worker:
+
+    <queue> (fanout) -> <queue>.partitions (x-consistent-hash on the routing key)
+        -> <queue>.work.<i> (quorum, single active consumer), i in 0..partitions-1
+
+The routing key is the conversation key, so one conversation always lands in one partition,
+and a single active consumer per partition keeps its order across replicas. The consistent-hash
+exchange is a plugin shipped with RabbitMQ: `rabbitmq_consistent_hash_exchange`.
 """
 
 from dataclasses import dataclass
@@ -13,6 +20,9 @@ from pamqp.common import FieldTable
 from worker.errors import ErrorVariant
 
 QUORUM: FieldTable = {"x-queue-type": "quorum"}
+PARTITION: FieldTable = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+CONSISTENT_HASH = "x-consistent-hash"
+PLUGIN_HINT = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
 
 
 def input_exchange_name(base: str) -> str:
@@ -20,9 +30,19 @@ def input_exchange_name(base: str) -> str:
     return base
 
 
-def work_queue_name(base: str) -> str:
-    """Return the queue the worker consumes from."""
-    return f"{base}.work"
+def partition_exchange_name(base: str) -> str:
+    """Return the consistent-hash exchange that spreads conversations over partitions."""
+    return f"{base}.partitions"
+
+
+def work_queue_name(base: str, partition: int) -> str:
+    """Return the queue of one partition."""
+    return f"{base}.work.{partition}"
+
+
+def work_queue_names(base: str, partitions: int) -> list[str]:
+    """Return the queues of every partition, in partition order."""
+    return [work_queue_name(base, partition) for partition in range(partitions)]
 
 
 def dead_letter_exchange_name(base: str) -> str:
@@ -35,9 +55,14 @@ def dead_letter_queue_name(base: str, variant: ErrorVariant | str) -> str:
     return f"{base}.dlq.{ErrorVariant(variant).value}"
 
 
-def all_queue_names(base: str) -> list[str]:
-    """Return every queue of the topology, work queue first."""
-    return [work_queue_name(base)] + [dead_letter_queue_name(base, v) for v in ErrorVariant]
+def dead_letter_queue_names(base: str) -> list[str]:
+    """Return the dead-letter queue of every variant."""
+    return [dead_letter_queue_name(base, variant) for variant in ErrorVariant]
+
+
+def all_queue_names(base: str, partitions: int) -> list[str]:
+    """Return every queue of the topology, work queues first."""
+    return work_queue_names(base, partitions) + dead_letter_queue_names(base)
 
 
 @dataclass(frozen=True)
@@ -45,17 +70,26 @@ class Topology:
     """The declared objects the worker uses."""
 
     input_exchange: AbstractExchange
-    work_queue: AbstractQueue
+    work_queues: list[AbstractQueue]
     dead_letter_exchange: AbstractExchange
 
 
-async def declare_topology(channel: AbstractChannel, base: str) -> Topology:
+class PluginMissingError(RuntimeError):
+    """The broker lacks the consistent-hash exchange plugin."""
+
+
+async def declare_topology(channel: AbstractChannel, base: str, partitions: int) -> Topology:
     """Declare every exchange, queue and binding; safe to repeat, by any number of replicas."""
     inbound = await channel.declare_exchange(
         input_exchange_name(base), aio_pika.ExchangeType.FANOUT, durable=True
     )
-    work = await channel.declare_queue(work_queue_name(base), durable=True, arguments=QUORUM)
-    await work.bind(inbound, routing_key="")
+    spread = await _declare_partition_exchange(channel, base)
+    await spread.bind(inbound, routing_key="")
+    work = []
+    for name in work_queue_names(base, partitions):
+        queue = await channel.declare_queue(name, durable=True, arguments=PARTITION)
+        await queue.bind(spread, routing_key="1")  # the weight of the partition
+        work.append(queue)
     dead_letters = await channel.declare_exchange(
         dead_letter_exchange_name(base), aio_pika.ExchangeType.DIRECT, durable=True
     )
@@ -67,9 +101,25 @@ async def declare_topology(channel: AbstractChannel, base: str) -> Topology:
     return Topology(inbound, work, dead_letters)
 
 
-async def delete_topology(channel: AbstractChannel, base: str) -> None:
+async def _declare_partition_exchange(channel: AbstractChannel, base: str) -> AbstractExchange:
+    """Declare the consistent-hash exchange, explaining the fix when the plugin is off."""
+    try:
+        return await channel.declare_exchange(
+            partition_exchange_name(base), CONSISTENT_HASH, durable=True
+        )
+    except aio_pika.exceptions.AMQPError as error:
+        if "x-consistent-hash" in str(error) or "exchange type" in str(error):
+            raise PluginMissingError(f"{error}; enable the plugin: {PLUGIN_HINT}") from error
+        raise
+
+
+async def delete_topology(channel: AbstractChannel, base: str, partitions: int) -> None:
     """Delete every queue and exchange of the topology (tests and the demo clean up with it)."""
-    for name in all_queue_names(base):
+    for name in all_queue_names(base, partitions):
         await channel.queue_delete(name)
-    await channel.exchange_delete(dead_letter_exchange_name(base))
-    await channel.exchange_delete(input_exchange_name(base))
+    for exchange in (
+        dead_letter_exchange_name(base),
+        partition_exchange_name(base),
+        input_exchange_name(base),
+    ):
+        await channel.exchange_delete(exchange)

@@ -1,34 +1,53 @@
-"""The worker's lifecycle: connect, declare, consume, and drain on shutdown."""
+"""The worker's lifecycle: connect, declare, consume every partition, watch, and drain."""
 
 import asyncio
 import contextlib
+import math
+import random
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
+from worker.breaker import Breaker
 from worker.connect_client import ConnectClient
 from worker.consumer import MessageHandler
+from worker.guard import CallGuard, CallObserver
+from worker.http_server import HealthServer
+from worker.metrics import Metrics, api_outcome
 from worker.observability import get_logger
 from worker.policy import RetryPolicy
+from worker.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 from worker.settings import WorkerSettings
 from worker.settlement import Settler
-from worker.topology import declare_topology, work_queue_name
+from worker.topology import declare_topology, work_queue_names
 
 CONNECT_RETRY_SECONDS = 3.0
+WATCH_SECONDS = 2.0
 
 
 class Worker:
-    """Consume the work queue until asked to stop, then hand back what is unfinished."""
+    """Consume the partitions until asked to stop, then hand back what is unfinished."""
 
     def __init__(self, settings: WorkerSettings, endpoint_url: str | None = None) -> None:
         self.settings = settings
+        self.metrics = Metrics(settings.worker_id)
+        self.log = get_logger(worker_id=settings.worker_id, queue=settings.queue)
         self._endpoint_url = endpoint_url
         self._stop = asyncio.Event()
-        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._in_flight: dict[asyncio.Task[Any], tuple[float, float]] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self._handler: MessageHandler | None = None
-        self.log = get_logger(worker_id=settings.worker_id, queue=settings.queue)
+        self.guard = self._make_guard()
 
     @property
     def stopping(self) -> bool:
@@ -39,23 +58,75 @@ class Worker:
         """Ask the worker to drain and stop; safe to call from a signal handler."""
         self._stop.set()
 
+    def readiness(self) -> tuple[bool, str]:
+        """Say whether this replica is connected, consuming, and able to send."""
+        if self.stopping:
+            return False, "stopping"
+        if self._connection is None or not self._connection.connected.is_set():
+            return False, "not connected to the broker"
+        if not self._consumers or self._channel is None or self._channel.is_closed:
+            return False, "not consuming"
+        if not self.guard.account.closed:
+            return False, "Connect refuses this account (AccessDenied/credentials): paused"
+        if not self.guard.outage.closed:
+            return False, "Connect is failing (5xx/transport): paused, probing"
+        return True, "consuming"
+
     async def run(self) -> None:
-        """Run until `request_stop`; connection and client are closed on the way out."""
+        """Run until `request_stop`; everything is closed on the way out, in reverse order."""
         async with AsyncExitStack() as stack:
+            server = HealthServer(self.metrics, self.readiness, port=self.settings.http_port)
+            await server.start()
+            stack.push_async_callback(server.stop)
             connection = await self._connect()
             if connection is None:
                 return
+            self._connection = connection
             stack.push_async_callback(connection.close)
             client = await stack.enter_async_context(
                 ConnectClient(self.settings, endpoint_url=self._endpoint_url)
             )
             self._handler = await self._make_handler(connection, client)
-            queue = await self._open_queue(connection)
-            tag = await queue.consume(self._on_message)
-            self.log.info("worker.consuming", prefetch=self.settings.prefetch)
+            await self._consume(connection)
+            watcher = asyncio.create_task(self._watch(connection))
+            self.log.info("worker.consuming", partitions=self.settings.partitions)
             await self._stop.wait()
-            await self._drain(queue, tag)
+            watcher.cancel()
+            await self._drain()
         self.log.info("worker.stopped")
+
+    def _make_guard(self) -> CallGuard:
+        """Build the rate limiter and breakers, reporting into metrics and logs."""
+        s = self.settings
+        limiter = AdaptiveRateLimiter(
+            RateLimitConfig(initial_rate=s.rate_initial, min_rate=s.rate_min, max_rate=s.rate_max)
+        )
+
+        def breaker(name: str, threshold: int) -> Breaker:
+            return Breaker(
+                name, threshold, s.probe_seconds, s.probe_max_seconds, self._on_breaker_change
+            )
+
+        def on_answer(outcome: str, seconds: float) -> None:
+            self.metrics.api_calls.labels(outcome=api_outcome(outcome)).inc()
+            self.metrics.api_latency.observe(seconds)
+
+        observer = CallObserver(on_answer, self.metrics.ambiguous_retries.inc)
+        return CallGuard(
+            limiter,
+            breaker("outage", s.outage_threshold),
+            breaker("account", s.account_threshold),
+            s.account_memory_seconds,
+            observer,
+        )
+
+    def _on_breaker_change(self, breaker: Breaker) -> None:
+        """Export and log a breaker's new state; an account-wide refusal is logged loudly."""
+        self.metrics.breaker_state.labels(breaker=breaker.name).set(breaker.state)
+        level = "error" if breaker.name == "account" and not breaker.closed else "warning"
+        getattr(self.log, level)(
+            "breaker.state_changed", breaker=breaker.name, state=breaker.state.name.lower()
+        )
 
     async def _connect(self) -> AbstractRobustConnection | None:
         """Connect to the broker, retrying until it answers or a stop is requested."""
@@ -75,56 +146,148 @@ class Worker:
                     await asyncio.wait_for(self._stop.wait(), CONNECT_RETRY_SECONDS)
         return None
 
-    async def _open_queue(self, connection: AbstractRobustConnection) -> AbstractQueue:
-        """Open the consuming channel with its prefetch and return the work queue."""
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=self.settings.prefetch)
-        return await channel.get_queue(work_queue_name(self.settings.queue), ensure=True)
-
     async def _make_handler(
         self, connection: AbstractRobustConnection, client: ConnectClient
     ) -> MessageHandler:
         """Declare the topology on the publishing channel and wire the pipeline."""
         # Dead letters get their own channel: a failed publish must not close the consumer's.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        topology = await declare_topology(channel, self.settings.queue)
+        topology = await declare_topology(channel, self.settings.queue, self.settings.partitions)
         settler = Settler(
             topology.dead_letter_exchange, self.settings.dead_letter_retry_delay_seconds, self.log
         )
         return MessageHandler(
             client,
             RetryPolicy.from_settings(self.settings),
+            self.guard,
             settler,
-            queue_name=work_queue_name(self.settings.queue),
+            self.metrics,
             worker_id=self.settings.worker_id,
             max_body_bytes=self.settings.max_body_bytes,
             log=self.log,
         )
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        """Handle one delivery, tracked so that shutdown can wait for it."""
+    async def _consume(self, connection: AbstractRobustConnection) -> None:
+        """Subscribe to every partition: free ones first, the rest as standby.
+
+        Each partition has a single active consumer: the first subscriber. Taking the free
+        partitions first, in random order, spreads partitions over replicas that start
+        together; the later subscriptions make this replica the standby of the others.
+        """
+        channel = await connection.channel()
+        per_partition = max(1, math.ceil(self.settings.prefetch / self.settings.partitions))
+        await channel.set_qos(prefetch_count=per_partition)
+        self._channel = channel
+        names = work_queue_names(self.settings.queue, self.settings.partitions)
+        random.shuffle(names)
+        standby = []
+        for name in names:
+            if await self._consumer_count(channel, name):
+                standby.append(name)
+            else:
+                await self._subscribe(channel, name)
+                await asyncio.sleep(random.uniform(0.0, 0.05))
+        for name in standby:
+            await self._subscribe(channel, name)
+
+    async def _subscribe(self, channel: AbstractChannel, name: str) -> None:
+        """Consume one partition queue."""
+        queue = await channel.get_queue(name, ensure=False)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await self._on_message(message, name)
+
+        self._consumers[name] = (queue, await queue.consume(on_message))
+
+    @staticmethod
+    async def _consumer_count(channel: AbstractChannel, name: str) -> int:
+        """Ask the broker how many consumers a queue has (a robust channel would cache it)."""
+        underlay = await channel.get_underlay_channel()
+        declared = await underlay.queue_declare(name, passive=True)
+        return declared.consumer_count or 0
+
+    async def _on_message(self, message: AbstractIncomingMessage, queue_name: str) -> None:
+        """Handle one delivery, tracked so that shutdown and the hold watch can see it."""
         task = asyncio.current_task()
         assert task is not None and self._handler is not None
-        self._in_flight.add(task)
+        published = message.timestamp.timestamp() if message.timestamp else time.time()
+        self._in_flight[task] = (time.monotonic(), published)
+        self.metrics.in_flight.set(len(self._in_flight))
         try:
-            await self._handler.handle(message)
+            await self._handler.handle(message, queue_name)
         finally:
-            self._in_flight.discard(task)
+            self._in_flight.pop(task, None)
+            self.metrics.in_flight.set(len(self._in_flight))
 
-    async def _drain(self, queue: AbstractQueue, tag: str) -> None:
+    async def _watch(self, connection: AbstractRobustConnection) -> None:
+        """Refresh the gauges, and hand everything back before a hold nears consumer_timeout."""
+        stats = await connection.channel()
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            try:
+                await self._refresh_gauges(stats)
+                if self._oldest_hold() > self.settings.max_hold_seconds:
+                    await self._hand_back_everything(connection)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a broker hiccup must not end the watch
+                self.log.warning("worker.watch_failed", error=repr(error))
+                if stats.is_closed:
+                    stats = await connection.channel()
+
+    async def _refresh_gauges(self, stats: AbstractChannel) -> None:
+        """Export the send rate, readiness, backlog and the age of the oldest held event."""
+        self.metrics.send_rate.set(self.guard.limiter.rate)
+        self.metrics.ready.set(1 if self.readiness()[0] else 0)
+        underlay = await stats.get_underlay_channel()
+        for name in self._consumers:
+            declared = await underlay.queue_declare(name, passive=True)
+            self.metrics.backlog.labels(queue=name).set(declared.message_count or 0)
+        if self._in_flight:
+            oldest_published = min(published for _, published in self._in_flight.values())
+            self.metrics.oldest_event_age.set(max(0.0, time.time() - oldest_published))
+
+    def _oldest_hold(self) -> float:
+        """Return how long the longest-held delivery has been held, in seconds."""
+        if not self._in_flight:
+            return 0.0
+        return time.monotonic() - min(taken for taken, _ in self._in_flight.values())
+
+    async def _hand_back_everything(self, connection: AbstractRobustConnection) -> None:
+        """Return every held delivery to RabbitMQ, in order, and consume afresh.
+
+        Closing the channel requeues its unacked deliveries together, which keeps each
+        conversation's order; nacking them one by one, while later ones wait, would not.
+        """
+        self.log.warning(
+            "worker.handing_back", held=len(self._in_flight), reason="max_hold_seconds"
+        )
+        await self._cancel_in_flight()
+        if self._channel is not None:
+            await self._channel.close()
+        self._consumers.clear()
+        await self._consume(connection)
+
+    async def _cancel_in_flight(self) -> int:
+        """Cancel every handler task; none of them acks after this."""
+        tasks = list(self._in_flight)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
+
+    async def _drain(self) -> None:
         """Stop deliveries, give in-flight events the grace period, cancel the rest.
 
-        The consumer is cancelled first so that the broker stops sending while we finish;
+        The consumers are cancelled first so that the broker stops sending while we finish;
         cancelled events are never acked, so closing the channel hands them back.
         """
         self.log.info("worker.draining", in_flight=len(self._in_flight))
-        with contextlib.suppress(Exception):
-            await queue.cancel(tag)
+        for queue, tag in self._consumers.values():
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
         pending = set(self._in_flight)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        self.log.info("worker.drained", handed_back=len(pending))
+        handed_back = await self._cancel_in_flight() if pending else 0
+        self.log.info("worker.drained", handed_back=handed_back)

@@ -18,7 +18,9 @@ from tests.integration.support import (
     worker_environment,
 )
 from worker.simulator import ConnectSimulator, SimulatorConfig
-from worker.topology import declare_topology, delete_topology, work_queue_name
+from worker.topology import declare_topology, delete_topology
+
+PARTITIONS = 4
 
 
 @pytest.fixture
@@ -27,10 +29,10 @@ async def broker() -> AsyncIterator[Broker]:
     base = f"test-{uuid.uuid4().hex[:10]}"
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    await declare_topology(channel, base)
-    yield Broker(connection, channel, base)
+    await declare_topology(channel, base, PARTITIONS)
+    yield Broker(connection, channel, base, PARTITIONS)
     cleanup = await connection.channel()
-    await delete_topology(cleanup, base)
+    await delete_topology(cleanup, base, PARTITIONS)
     await connection.close()
 
 
@@ -68,7 +70,7 @@ async def start_worker(
             )
         worker = WorkerProcess(process, log_path)
         started.append(worker)
-        before = await broker.consumers(work_queue_name(broker.base))
+        before = await broker.work_consumers()
         await wait_until(lambda: _consuming(broker, before, worker), timeout=30.0)
         return worker
 
@@ -83,4 +85,4 @@ async def _consuming(broker: Broker, before: int, worker: WorkerProcess) -> bool
     """Return True once the worker added its consumer; fail fast if it died."""
     if worker.process.returncode is not None:
         raise AssertionError("worker exited early:\n" + "\n".join(worker.log_lines()[-20:]))
-    return await broker.consumers(work_queue_name(broker.base)) > before
+    return await broker.work_consumers() >= before + broker.partitions

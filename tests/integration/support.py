@@ -12,10 +12,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from worker.simulator import ConnectSimulator
-from worker.topology import (
-    dead_letter_queue_name,
-    work_queue_name,
-)
+from worker.topology import dead_letter_queue_name, work_queue_names
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REPO = Path(__file__).resolve().parents[2]
@@ -49,10 +46,14 @@ async def wait_until(
 class Broker:
     """A test's view of the topology: publish, count and read back messages."""
 
-    def __init__(self, connection: AbstractConnection, channel: AbstractChannel, base: str):
+    def __init__(
+        self, connection: AbstractConnection, channel: AbstractChannel, base: str, partitions: int
+    ):
         self.connection = connection
         self.channel = channel
         self.base = base
+        self.partitions = partitions
+        self.work_queues = work_queue_names(base, partitions)
 
     async def publish(self, body: bytes, routing_key: str = "k", **properties: Any) -> str:
         """Publish a raw body to the input exchange with confirms; return its message_id."""
@@ -78,8 +79,12 @@ class Broker:
         return await self.count(dead_letter_queue_name(self.base, variant))
 
     async def work_count(self) -> int:
-        """Return how many events wait in the work queue."""
-        return await self.count(work_queue_name(self.base))
+        """Return how many events wait in the work queues."""
+        return sum([await self.count(name) for name in self.work_queues])
+
+    async def work_consumers(self) -> int:
+        """Return the number of consumers over all partitions (active and standby)."""
+        return sum([await self.consumers(name) for name in self.work_queues])
 
     async def take_all(self, queue: str) -> list[AbstractIncomingMessage]:
         """Remove and return every ready message of a queue."""
@@ -120,6 +125,8 @@ def worker_environment(broker: Broker, simulator: ConnectSimulator, **extra: str
     env.update(
         WORKER_AMQP_URL=AMQP_URL,
         WORKER_QUEUE=broker.base,
+        WORKER_PARTITIONS=str(broker.partitions),
+        WORKER_HTTP_PORT="0",
         WORKER_CONFIG=str(REPO / "config" / "worker.toml"),
         AWS_ENDPOINT_URL_CONNECT=simulator.url,
         AWS_ACCESS_KEY_ID="AKIDTESTWORKER",

@@ -9,7 +9,11 @@ import aio_pika
 import pytest
 
 from tests.integration.support import AMQP_URL, REPO
-from worker.topology import delete_topology, work_queue_name
+from worker.models import conversation_key
+from worker.settings import WorkerSettings
+from worker.topology import delete_topology, work_queue_names
+
+DEFAULT_PARTITIONS = WorkerSettings.model_fields["partitions"].default
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +42,7 @@ async def base() -> object:
     yield name
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        await delete_topology(await connection.channel(), name)
+        await delete_topology(await connection.channel(), name, DEFAULT_PARTITIONS)
 
 
 async def test_demo_accounts_for_every_event(base: str) -> None:
@@ -62,15 +66,21 @@ async def test_declare_then_publish_routes_by_conversation_key(base: str) -> Non
     )
     assert code == 0, output
 
-    # Then both wait in the work queue, keyed by the conversation key
+    # Then both wait in the same partition, keyed by the conversation key
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(work_queue_name(base), passive=True)
-        first = await queue.get(no_ack=True)
-        assert first.routing_key is not None and len(first.routing_key) == 64
+        counts = {}
+        for name in work_queue_names(base, DEFAULT_PARTITIONS):
+            queue = await channel.declare_queue(name, passive=True)
+            counts[name] = queue.declaration_result.message_count
+        [(partition, count)] = [(name, n) for name, n in counts.items() if n]
+        assert count == 2
+        # basic.get is refused on single-active-consumer queues: consume one instead
+        async with (await channel.get_queue(partition)).iterator() as messages:
+            first = await anext(aiter(messages))
+        assert first.routing_key == conversation_key(event)
         assert first.message_id and first.timestamp
-        assert queue.declaration_result.message_count == 2
 
 
 async def test_bad_setting_is_a_clear_error(base: str) -> None:

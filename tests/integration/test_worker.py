@@ -12,7 +12,7 @@ from tests.integration.support import Broker, wait_until
 from worker.errors import ErrorVariant
 from worker.models import conversation_key
 from worker.simulator import ConnectSimulator
-from worker.topology import dead_letter_queue_name, work_queue_name
+from worker.topology import dead_letter_queue_name
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +71,11 @@ MODELLED = [
 async def test_each_api_error_lands_in_its_dead_letter_queue_with_headers(
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
 ) -> None:
+    # Given a worker that has already delivered an event (the account is known to work)
+    await start_worker()
+    await broker.publish(encode(event("agent-ok")))
+    await wait_until(lambda: len(simulator.received) == 1)
+
     # Given one event per modelled error, and one answered with an unmodelled code
     cases = [(code, status, attempts, code) for code, status, attempts in MODELLED]
     cases.append(("TeapotException", 418, 1, "UnknownError"))
@@ -90,8 +95,7 @@ async def test_each_api_error_lands_in_its_dead_letter_queue_with_headers(
         )
         published[variant] = (body, key, message_id, code, status)
 
-    # When the worker processes them
-    await start_worker()
+    # When the worker has processed them
     await wait_until(lambda: _all_dead_lettered(broker, list(published)))
 
     # Then each dead letter is the original body and properties, with the spec's headers
@@ -113,7 +117,7 @@ async def test_each_api_error_lands_in_its_dead_letter_queue_with_headers(
         assert f"Simulated {raw_code}" in headers["x-error-message"]
         assert headers["x-original-exchange"] == broker.base
         assert headers["x-original-routing-key"] == key
-        assert headers["x-original-queue"] == work_queue_name(broker.base)
+        assert headers["x-original-queue"] in broker.work_queues
         assert headers["x-worker-id"]
         for stamp_header in ("x-first-attempt-at", "x-failed-at"):
             assert datetime.fromisoformat(headers[stamp_header]).tzinfo is not None
@@ -126,8 +130,8 @@ async def test_each_api_error_lands_in_its_dead_letter_queue_with_headers(
     calls_by_code: dict[str, int] = {}
     for call in simulator.calls:
         calls_by_code[call["code"]] = calls_by_code.get(call["code"], 0) + 1
-    assert calls_by_code == {code: attempts for code, _, attempts, _ in cases}
-    assert simulator.received == []
+    assert calls_by_code == {None: 1} | {code: attempts for code, _, attempts, _ in cases}
+    assert len(simulator.received) == 1
     assert await broker.work_count() == 0
 
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -54,12 +55,25 @@ def permanent(variant: ErrorVariant = ErrorVariant.ACCESS_DENIED) -> PermanentAp
     return PermanentApiError(variant, variant.value, http_status=400)
 
 
+class Charge:
+    """Count attempts and seconds like the consumer does, for the policy's budget."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.started = time.monotonic()
+
+    def __call__(self) -> tuple[int, float]:
+        return self.attempts, time.monotonic() - self.started
+
+
 async def run_calls(
     policy: RetryPolicy, outcomes: list[BaseException | None], calls: list[int]
 ) -> None:
     """Drive the policy's loop over calls that fail (or succeed, None) in turn; note each call."""
-    async for attempt in policy.retrying():
+    charge = Charge()
+    async for attempt in policy.retrying(charge):
         with attempt:
+            charge.attempts += 1
             outcome = outcomes[min(len(calls), len(outcomes) - 1)]
             calls.append(attempt.retry_state.attempt_number)
             if outcome is not None:
@@ -234,11 +248,13 @@ async def test_loop_stops_when_the_time_budget_is_spent() -> None:
     # Given a generous attempt budget but a 0.2 s time budget, and calls of 0.05 s each
     policy = fast_policy(transient_max_attempts=100, transient_max_seconds=0.2)
     calls = 0
+    charge = Charge()
 
     with pytest.raises(TransientApiError):
-        async for attempt in policy.retrying():
+        async for attempt in policy.retrying(charge):
             with attempt:
                 calls += 1
+                charge.attempts += 1
                 await asyncio.sleep(0.05)
                 raise transient()
 
@@ -252,9 +268,11 @@ async def test_loop_reports_each_wait_to_before_sleep() -> None:
     def note(state: RetryCallState) -> None:
         sleeps.append(state.attempt_number)
 
+    charge = Charge()
     with pytest.raises(ThrottledApiError):
-        async for attempt in policy.retrying(before_sleep=note):
+        async for attempt in policy.retrying(charge, before_sleep=note):
             with attempt:
+                charge.attempts += 1
                 raise throttled()
 
     assert sleeps == [1, 2]

@@ -8,7 +8,9 @@ from worker.topology import (
     dead_letter_exchange_name,
     dead_letter_queue_name,
     input_exchange_name,
+    partition_exchange_name,
     work_queue_name,
+    work_queue_names,
 )
 
 BASE = "chat-integration-events"
@@ -20,8 +22,16 @@ def test_input_exchange_is_the_base_name_itself() -> None:
     assert input_exchange_name(BASE) == "chat-integration-events"
 
 
-def test_work_queue_name() -> None:
-    assert work_queue_name(BASE) == "chat-integration-events.work"
+def test_work_queue_name_is_numbered_by_partition() -> None:
+    assert work_queue_name(BASE, 3) == "chat-integration-events.work.3"
+
+
+def test_work_queue_names_cover_every_partition_in_order() -> None:
+    assert work_queue_names(BASE, 3) == [f"{BASE}.work.0", f"{BASE}.work.1", f"{BASE}.work.2"]
+
+
+def test_partition_exchange_name() -> None:
+    assert partition_exchange_name(BASE) == "chat-integration-events.partitions"
 
 
 def test_dead_letter_exchange_name() -> None:
@@ -55,25 +65,26 @@ def test_dead_letter_queue_name_rejects_an_unknown_variant() -> None:
         dead_letter_queue_name(BASE, "NoSuchVariant")
 
 
-def test_all_queue_names_lists_the_work_queue_first_then_one_queue_per_variant() -> None:
-    names = all_queue_names(BASE)
+def test_all_queue_names_lists_the_work_queues_first_then_one_queue_per_variant() -> None:
+    names = all_queue_names(BASE, 2)
 
-    assert names[0] == "chat-integration-events.work"
-    assert sorted(names[1:]) == sorted(
+    assert names[:2] == [f"{BASE}.work.0", f"{BASE}.work.1"]
+    assert sorted(names[2:]) == sorted(
         f"chat-integration-events.dlq.{variant.value}" for variant in ErrorVariant
     )
-    assert len(names) == len(set(names)) == 8
+    assert len(names) == len(set(names)) == 9
 
 
 def test_names_of_different_bases_do_not_collide() -> None:
-    assert not set(all_queue_names("a")) & set(all_queue_names("b"))
+    assert not set(all_queue_names("a", 8)) & set(all_queue_names("b", 8))
 
 
 def test_every_derived_name_of_the_longest_base_fits_amqp_limit() -> None:
     names = [
         input_exchange_name(LONGEST_BASE),
         dead_letter_exchange_name(LONGEST_BASE),
-        *all_queue_names(LONGEST_BASE),
+        partition_exchange_name(LONGEST_BASE),
+        *all_queue_names(LONGEST_BASE, 64),
     ]
 
     assert max(len(name.encode("utf-8")) for name in names) <= AMQP_NAME_LIMIT
