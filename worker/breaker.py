@@ -87,7 +87,8 @@ class Breaker:
     def abandon_probe(self) -> None:
         """Let another call probe at once: this probe ended without an answer."""
         if self.state is BreakerState.PROBING:
-            self._schedule_probe(0.0)
+            self._next_probe = self._clock()  # keep the backoff the failed probes earned
+            self._set(BreakerState.OPEN)
 
     def _schedule_probe(self, interval: float) -> None:
         """Open (again) with the next probe `interval` seconds from now."""

@@ -1,4 +1,4 @@
-"""The `chat-worker` command line: run, declare, publish, simulate, demo."""
+"""The `chat-worker` command line: run, declare, publish, simulate, demo, check, dlq."""
 
 import argparse
 import asyncio
@@ -10,6 +10,8 @@ from pathlib import Path
 import aio_pika
 from pydantic import ValidationError
 
+from worker.check import add_check_parser
+from worker.dlq import add_dlq_parser
 from worker.observability import configure_logging
 from worker.settings import WorkerSettings, load_settings
 from worker.topology import declare_topology
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulator_flags(simulate)
     demo = commands.add_parser("demo", help="simulator + sample traffic + worker, then a report")
     _add_settings_flags(demo)
+    add_dlq_parser(commands, _add_settings_flags)
+    add_check_parser(commands, _add_settings_flags)
     return parser
 
 
@@ -102,7 +106,7 @@ async def declare(settings: WorkerSettings) -> int:
     """Declare the whole topology so producers can start before any worker."""
     connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
     async with connection:
-        await declare_topology(await connection.channel(), settings.queue)
+        await declare_topology(await connection.channel(), settings.queue, settings.partitions)
     print(f"declared topology of {settings.queue!r} on {settings.masked_amqp_url()}")
     return 0
 
@@ -113,10 +117,10 @@ async def publish(settings: WorkerSettings, file: str) -> int:
 
     url = settings.amqp_url.get_secret_value()
     if file == "-":
-        count = await publish_file_lines(url, settings.queue, sys.stdin.buffer)
+        count = await publish_file_lines(url, settings.queue, settings.partitions, sys.stdin.buffer)
     else:
         lines = (await asyncio.to_thread(Path(file).read_bytes)).splitlines()
-        count = await publish_file_lines(url, settings.queue, lines)
+        count = await publish_file_lines(url, settings.queue, settings.partitions, lines)
     print(f"published {count} event(s) to exchange {settings.queue!r}")
     return 0
 
@@ -142,6 +146,10 @@ async def dispatch(args: argparse.Namespace) -> int:
     """Run the chosen command."""
     if args.command == "simulate":
         return await simulate(args)
+    if args.command == "check":
+        from worker.check import run_check
+
+        return await run_check(lambda: _settings_from(args), args.config, args.aws)
     settings = _settings_from(args)
     configure_logging(settings.log_level)
     if args.command == "run":
@@ -150,6 +158,10 @@ async def dispatch(args: argparse.Namespace) -> int:
         return await declare(settings)
     if args.command == "publish":
         return await publish(settings, args.file)
+    if args.command == "dlq":
+        from worker.dlq import run_dlq
+
+        return await run_dlq(settings, args)
     from worker.demo import run_demo
 
     return await run_demo(settings)

@@ -80,12 +80,13 @@ class CallGuard:
     async def call(self, send: Callable[[], Awaitable[T]], attempts: Attempts) -> T:
         """Wait for the breakers and the limiter, make the call, and learn from its answer."""
         started = time.monotonic()
-        outage_probe = await self.outage.admit()
-        account_probe = await self.account.admit()
-        sent_at = await self.limiter.acquire()
-        attempts.waited += time.monotonic() - started
-        attempts.record_call()
+        outage_probe = account_probe = False
         try:
+            outage_probe = await self.outage.admit()
+            account_probe = await self.account.admit()
+            sent_at = await self.limiter.acquire()
+            attempts.waited += time.monotonic() - started
+            attempts.record_call()
             result = await send()
         except EventFailure as failure:
             self._observer.on_answer(failure.code, time.monotonic() - sent_at)
@@ -120,10 +121,12 @@ class CallGuard:
             if failure.ambiguous:
                 attempts.ambiguous += 1
                 self._observer.on_ambiguous()
-        elif is_account_error(failure) and not self._accepted_recently():
+        elif is_account_error(failure):
+            # Connect answered, but a refusal never proves the account works.
             self.outage.record_success()
-            self.account.record_failure(account_probe)
-            charged = False
+            if not self._accepted_recently():
+                self.account.record_failure(account_probe)
+                charged = False
         else:
             self._learn_accepted(sent_at)
         attempts.charged += charged

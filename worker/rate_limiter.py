@@ -8,8 +8,10 @@ is shared by every replica. The limiter paces calls evenly at a rate it learns:
   the successes in that interval are exactly what the quota lets through, so the new rate is
   `cut_to` times that measured rate (never below a quarter of the old one). Throttles during
   the interval are expected and cause no further cut;
-- steady: while sends queue up, the rate creeps up by `increase_per_second` of itself, so a
-  raised quota, or a replica that left, is found again; the next throttle measures again.
+- steady: while sends queue up, the rate climbs back by `increase_per_second` of itself up to
+  the last measured quota, then creeps beyond it by `probe_per_second`, so a raised quota, or
+  a replica that left, is found again; the next throttle measures again. Creeping slowly past
+  the quota drains its bucket slowly, so a measurement costs about one throttled call.
 
 The rate only grows while the limiter is the bottleneck, so an idle worker does not talk
 itself into a rate it never tried.
@@ -21,6 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# A waiting call looks at the rate again this often, so a change applies at once.
+MAX_SLEEP_SECONDS = 0.01
+
 
 @dataclass(frozen=True)
 class RateLimitConfig:
@@ -31,6 +36,7 @@ class RateLimitConfig:
     max_rate: float = 10_000.0
     start_doubling_seconds: float = 0.25
     increase_per_second: float = 0.02
+    probe_per_second: float = 0.005
     cut_to: float = 0.97
     measure_seconds: float = 0.3
     measure_min_calls: int = 8
@@ -47,14 +53,16 @@ class AdaptiveRateLimiter:
         self.rate = config.initial_rate
         self.throttles = 0
         self._starting = True
-        self._next_slot = clock()
-        self._epoch = 0
+        self._turns = asyncio.Lock()
+        self._last_sent = -math.inf
         self._last_cut = -math.inf
         self._last_growth = clock()
         self._last_wait = -math.inf
+        self._busy_since = -math.inf
         self._measure_start: float | None = None
         self._measure_until = 0.0
         self._measured = 0
+        self._measured_quota = math.inf
 
     @property
     def measuring(self) -> bool:
@@ -62,24 +70,33 @@ class AdaptiveRateLimiter:
         return self._measure_start is not None
 
     async def acquire(self) -> float:
-        """Wait for this call's turn; return the time it is sent at (for `on_throttle`)."""
-        while True:
-            now = self._clock()
-            slot = max(now, self._next_slot)
-            self._next_slot = slot + 1.0 / self.rate
-            if slot <= now:
-                return now
-            self._last_wait = now
-            epoch = self._epoch
-            await asyncio.sleep(slot - now)
-            if self._epoch == epoch:
-                return self._clock()
-            # The rate was cut while we waited: the slot was spaced for the old rate.
+        """Wait for this call's turn; return the time it is sent at (for `on_throttle`).
+
+        Callers queue on a fair lock and only the first one waits for a slot, computed from
+        the rate at the time: a slot reserved far ahead at an old rate would hold the pace
+        down after the rate grew, or let it run too fast after a cut.
+        """
+        if self._turns.locked():
+            self._note_wait(self._clock())
+        async with self._turns:
+            while True:
+                now = self._clock()
+                interval = 1.0 / self.rate
+                slot = self._last_sent + interval
+                if slot <= now:
+                    # Count from the slot, not from now, so that sleeping late does not slow
+                    # the pace; after an idle spell, count from now: no burst.
+                    self._last_sent = slot if slot > now - interval else now
+                    return now
+                self._note_wait(now)
+                await asyncio.sleep(min(slot - now, MAX_SLEEP_SECONDS))
 
     def on_success(self) -> None:
         """Count a call that got through, and let the rate grow if it holds sends back."""
         now = self._clock()
-        elapsed, self._last_growth = now - self._last_growth, now
+        # Only time spent as the bottleneck earns growth, not an idle spell before it.
+        elapsed = now - max(self._last_growth, self._busy_since)
+        self._last_growth = now
         if self.measuring:
             self._measured += 1
             self._finish_measuring_if_due(now)
@@ -88,8 +105,10 @@ class AdaptiveRateLimiter:
             return  # not the bottleneck: no evidence that a higher rate would pass
         if self._starting:
             growth = 2.0 ** (elapsed / self.config.start_doubling_seconds)
-        else:
+        elif self.rate < self._measured_quota:
             growth = 1.0 + self.config.increase_per_second * elapsed
+        else:
+            growth = 1.0 + self.config.probe_per_second * elapsed
         self._set_rate(self.rate * growth)
 
     def on_throttle(self, sent_at: float) -> None:
@@ -108,17 +127,22 @@ class AdaptiveRateLimiter:
         )
         self._measured = 0
 
+    def _note_wait(self, now: float) -> None:
+        """Note that a call had to wait: the limiter is the bottleneck (since when, if new)."""
+        if now - self._last_wait >= 1.0:
+            self._busy_since = now
+        self._last_wait = now
+
     def _finish_measuring_if_due(self, now: float) -> None:
         """Set the rate under what the quota let through during the measuring interval."""
         if self._measure_start is None or now < self._measure_until:
             return
         quota = self._measured / (now - self._measure_start)
+        self._measured_quota = quota
         self._set_rate(min(self.rate, max(self.config.cut_to * quota, self.rate / 4)))
         self._measure_start = None
         self._last_cut = now
         self._last_growth = now
-        self._epoch += 1
-        self._next_slot = now + 1.0 / self.rate
 
     def _set_rate(self, rate: float) -> None:
         """Keep the rate within its configured bounds."""

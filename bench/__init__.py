@@ -1,0 +1,1 @@
+"""Benchmarks: the worker against the bare libraries, measured in the same run."""
