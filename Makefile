@@ -20,12 +20,12 @@ demo: install
 # pytest exits 5 when it collects no test; make treats that as the failure it is.
 test: install
 	.ci/ensure-rabbitmq
-	$(BIN)/ruff check worker tests
+	$(BIN)/ruff check worker tests bench
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check worker tests
-	$(BIN)/ruff format --check worker tests
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff format --check worker tests bench
 	$(BIN)/mypy
 
 clean:

@@ -72,9 +72,9 @@ class Simulator:
 
     async def post(self, what: str, body: dict[str, Any] | None = None) -> None:
         """POST to a control endpoint."""
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{self.url}/_sim/{what}", json=body or {}) as r:
-                r.raise_for_status()
+        url = f"{self.url}/_sim/{what}"
+        async with aiohttp.ClientSession() as http, http.post(url, json=body or {}) as r:
+            r.raise_for_status()
 
     async def calls(self) -> list[dict[str, Any]]:
         """Return every call the simulator answered, in arrival order."""
@@ -157,8 +157,14 @@ async def start_workers(count: int, env: dict[str, str]) -> list[asyncio.subproc
     """Start worker processes."""
     return [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", "run", env=env, cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            env=env,
+            cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         for _ in range(count)
     ]
@@ -186,7 +192,9 @@ async def wait_for(predicate: Any, timeout: float, every: float = 0.2) -> bool:
 def table(rows: list[list[str]]) -> str:
     """Format rows as an aligned text table, first row as header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)

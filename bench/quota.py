@@ -56,8 +56,12 @@ async def bare_client(sim: Simulator, mode: str, bodies: list[bytes]) -> int:
     gate = asyncio.Semaphore(CONCURRENCY)
     gave_up = 0
     async with get_session().create_client(
-        "connect", region_name="us-east-1", endpoint_url=sim.url,
-        aws_access_key_id="AKIDBENCH", aws_secret_access_key="bench", config=config,
+        "connect",
+        region_name="us-east-1",
+        endpoint_url=sim.url,
+        aws_access_key_id="AKIDBENCH",
+        aws_secret_access_key="bench",
+        config=config,
     ) as client:
 
         async def send(body: bytes) -> None:
@@ -72,11 +76,11 @@ async def bare_client(sim: Simulator, mode: str, bodies: list[bytes]) -> int:
     return gave_up
 
 
-async def worker_run(sim: Simulator, replicas: int, bodies: list[bytes]) -> int:
+async def worker_run(sim: Simulator, replicas: int, bodies: list[bytes], **settings: str) -> int:
     """Drain the backlog with worker processes; return the number of dead letters."""
     async with topology() as (base, channel):
         await publish_backlog(channel, base, bodies)
-        workers = await start_workers(replicas, worker_env(base, sim.url))
+        workers = await start_workers(replicas, worker_env(base, sim.url, **settings))
 
         async def drained() -> bool:
             return (await sim.get("stats"))["received"] >= len(bodies)
@@ -100,6 +104,10 @@ async def main(events: int, rate: float, burst: int) -> None:
         for name, run in [
             ("worker, 1 replica", lambda: worker_run(sim, 1, bodies)),
             ("worker, 2 replicas", lambda: worker_run(sim, 2, bodies)),
+            (
+                "worker, 2 replicas, spread",
+                lambda: worker_run(sim, 2, bodies, WORKER_SPREAD_PARTITIONS="true"),
+            ),
             ("aiobotocore adaptive", lambda: bare_client(sim, "adaptive", bodies)),
             ("aiobotocore standard", lambda: bare_client(sim, "standard", bodies)),
         ]:

@@ -9,9 +9,11 @@ is shared by every replica. The limiter paces calls evenly at a rate it learns:
   `cut_to` times that measured rate (never below a quarter of the old one). Throttles during
   the interval are expected and cause no further cut;
 - steady: while sends queue up, the rate climbs back by `increase_per_second` of itself up to
-  the last measured quota, then creeps beyond it by `probe_per_second`, so a raised quota, or
-  a replica that left, is found again; the next throttle measures again. Creeping slowly past
-  the quota drains its bucket slowly, so a measurement costs about one throttled call.
+  the last measured quota, then creeps beyond it from `probe_per_second`, a pace that doubles
+  every `probe_doubling_seconds` without a throttle, so a raised quota, or the share of a
+  replica that left, is found again within seconds; the next throttle measures again.
+  Creeping slowly just past the quota drains its bucket slowly, so a measurement costs about
+  one throttled call.
 
 The rate only grows while the limiter is the bottleneck, so an idle worker does not talk
 itself into a rate it never tried.
@@ -37,6 +39,7 @@ class RateLimitConfig:
     start_doubling_seconds: float = 0.25
     increase_per_second: float = 0.02
     probe_per_second: float = 0.005
+    probe_doubling_seconds: float = 1.5
     cut_to: float = 0.97
     measure_seconds: float = 0.3
     measure_min_calls: int = 8
@@ -59,6 +62,7 @@ class AdaptiveRateLimiter:
         self._last_growth = clock()
         self._last_wait = -math.inf
         self._busy_since = -math.inf
+        self._above_since = clock()
         self._measure_start: float | None = None
         self._measure_until = 0.0
         self._measured = 0
@@ -107,8 +111,16 @@ class AdaptiveRateLimiter:
             growth = 2.0 ** (elapsed / self.config.start_doubling_seconds)
         elif self.rate < self._measured_quota:
             growth = 1.0 + self.config.increase_per_second * elapsed
+            self._above_since = now
         else:
-            growth = 1.0 + self.config.probe_per_second * elapsed
+            # Convex, as CUBIC: slow just past the last measurement, faster the longer no
+            # throttle comes, so a quota freed by a replica that finished is taken up in
+            # seconds.
+            above = now - self._above_since
+            pace = self.config.probe_per_second * 2.0 ** (
+                above / self.config.probe_doubling_seconds
+            )
+            growth = 1.0 + pace * elapsed
         self._set_rate(self.rate * growth)
 
     def on_throttle(self, sent_at: float) -> None:
@@ -139,6 +151,7 @@ class AdaptiveRateLimiter:
             return
         quota = self._measured / (now - self._measure_start)
         self._measured_quota = quota
+        self._above_since = now
         self._set_rate(min(self.rate, max(self.config.cut_to * quota, self.rate / 4)))
         self._measure_start = None
         self._last_cut = now

@@ -40,6 +40,7 @@ class WorkerSettings(BaseSettings):
     queue: str = "chat-integration-events"
     prefetch: int = Field(64, ge=1, le=65535)
     partitions: int = Field(8, ge=1, le=64)
+    spread_partitions: bool = False
     http_port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(256 * 1024, ge=1)
     worker_id: str = Field(default_factory=_default_worker_id)

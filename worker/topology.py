@@ -40,6 +40,11 @@ def work_queue_name(base: str, partition: int) -> str:
     return f"{base}.work.{partition}"
 
 
+def leader_lock_name(base: str) -> str:
+    """Return the exclusive queue whose holder subscribes first to every partition."""
+    return f"{base}.leader"
+
+
 def work_queue_names(base: str, partitions: int) -> list[str]:
     """Return the queues of every partition, in partition order."""
     return [work_queue_name(base, partition) for partition in range(partitions)]

@@ -27,9 +27,10 @@ from worker.policy import RetryPolicy
 from worker.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 from worker.settings import WorkerSettings
 from worker.settlement import Settler
-from worker.topology import declare_topology, work_queue_names
+from worker.topology import declare_topology, leader_lock_name, work_queue_names
 
 CONNECT_RETRY_SECONDS = 3.0
+STANDBY_DELAY_SECONDS = 2.0
 WATCH_SECONDS = 2.0
 
 
@@ -45,6 +46,7 @@ class Worker:
         self._in_flight: dict[asyncio.Task[Any], tuple[float, float]] = {}
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._lock_channel: AbstractChannel | None = None
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self._handler: MessageHandler | None = None
         self.guard = self._make_guard()
@@ -168,17 +170,50 @@ class Worker:
         )
 
     async def _consume(self, connection: AbstractRobustConnection) -> None:
-        """Subscribe to every partition: free ones first, the rest as standby.
+        """Subscribe to every partition, as the active consumer or as a standby.
 
-        Each partition has a single active consumer: the first subscriber. Taking the free
-        partitions first, in random order, spreads partitions over replicas that start
-        together; the later subscriptions make this replica the standby of the others.
+        Each partition has a single active consumer: the first subscriber. By default one
+        replica, the holder of the leader lock, subscribes first everywhere and the others
+        follow as standbys: with a quota shared by all replicas, one sender pacing the whole
+        quota beats several guessing their shares, and a standby takes over a partition within
+        seconds when the active replica dies. With `spread_partitions`, replicas take the free
+        partitions first instead, for work bound by CPU rather than by the quota.
         """
         channel = await connection.channel()
         per_partition = max(1, math.ceil(self.settings.prefetch / self.settings.partitions))
         await channel.set_qos(prefetch_count=per_partition)
         self._channel = channel
         names = work_queue_names(self.settings.queue, self.settings.partitions)
+        if self.settings.spread_partitions:
+            await self._subscribe_spread(channel, names)
+            return
+        if not await self._take_leader_lock(connection):
+            self.log.info("worker.standby", reason="another replica holds the leader lock")
+            await asyncio.sleep(STANDBY_DELAY_SECONDS)
+        for name in names:
+            await self._subscribe(channel, name)
+
+    async def _take_leader_lock(self, connection: AbstractRobustConnection) -> bool:
+        """Try to hold the leader lock: an exclusive queue, gone with its connection.
+
+        It is declared on the raw channel, so that a reconnect does not try to restore it
+        (another replica may hold it by then): leadership ends with the connection.
+        """
+        if self._lock_channel is not None and not self._lock_channel.is_closed:
+            return True
+        channel = await connection.channel()
+        underlay = await channel.get_underlay_channel()
+        try:
+            await underlay.queue_declare(leader_lock_name(self.settings.queue), exclusive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            with contextlib.suppress(Exception):
+                await channel.close()
+            return False
+        self._lock_channel = channel
+        return True
+
+    async def _subscribe_spread(self, channel: AbstractChannel, names: list[str]) -> None:
+        """Take the partitions without an active consumer first, in random order."""
         random.shuffle(names)
         standby = []
         for name in names:
