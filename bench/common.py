@@ -1,15 +1,19 @@
 """Shared pieces of the benchmarks: the simulator process, traffic, worker processes, reports."""
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import signal
 import socket
+import statistics
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +202,210 @@ def table(rows: list[list[str]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+# --- Process measurements (CPU from /proc/<pid>/stat, memory from /proc/<pid>/status) ----------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user + system CPU seconds a process has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may hold spaces: count fields from after its closing parenthesis.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """Return the resident set size of a process (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class CpuSampler:
+    """Sample the CPU time of processes every few milliseconds, to read it at any past instant.
+
+    The benchmarks count CPU between the first and the last API call (wall-clock times the
+    simulator records), so the start-up of a process (imports, connecting) is left out.
+    """
+
+    def __init__(
+        self, pids: list[int], context: dict[str, int] | None = None, every: float = 0.02
+    ) -> None:
+        self.pids = pids
+        self.context = context or {}
+        self.every = every
+        watched = [*pids, *self.context.values()]
+        self.samples: dict[int, list[tuple[float, float]]] = {pid: [] for pid in watched}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start sampling in the background."""
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop sampling."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.every)
+
+    def sample(self) -> None:
+        """Record the CPU time of every process still alive, at the current wall-clock time."""
+        now = time.time()
+        for pid in self.samples:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                self.samples[pid].append((now, cpu_seconds(pid)))
+
+    def at(self, pid: int, moment: float) -> float:
+        """Return a process's CPU seconds at a wall-clock moment, interpolated between samples."""
+        samples = self.samples[pid]
+        if not samples:
+            return 0.0
+        if moment <= samples[0][0]:
+            return samples[0][1]
+        for (t0, c0), (t1, c1) in itertools.pairwise(samples):
+            if t0 <= moment <= t1:
+                return c0 + (c1 - c0) * (moment - t0) / max(t1 - t0, 1e-9)
+        return samples[-1][1]
+
+    def between(self, start: float, end: float) -> float:
+        """Return the CPU seconds the measured processes used between two wall-clock moments."""
+        return sum(self.at(pid, end) - self.at(pid, start) for pid in self.pids)
+
+    def context_between(self, start: float, end: float) -> dict[str, float]:
+        """Return the CPU seconds each context process (simulator, broker) used meanwhile."""
+        return {name: self.at(pid, end) - self.at(pid, start) for name, pid in self.context.items()}
+
+
+def broker_pid() -> int | None:
+    """Return the pid of a local RabbitMQ (beam.smp) if this machine runs one we can see."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == "beam.smp":
+                return int(comm.parent.name)
+    return None
+
+
+def context_pids(sim: Simulator) -> dict[str, int]:
+    """Return the processes that serve every contender: the simulator and the broker."""
+    pids = {"simulator": sim.process.pid} if sim.process else {}
+    broker = broker_pid()
+    if broker is not None:
+        pids["broker"] = broker
+    return pids
+
+
+@dataclass(frozen=True)
+class Drain:
+    """How one contender drained a backlog, from the simulator's record and the CPU samples."""
+
+    events: int
+    seconds: float
+    late_rate: float
+    cpu_seconds: float
+    context_cpu: dict[str, float]
+
+    @property
+    def rate(self) -> float:
+        """Return events per second from the first to the last API call."""
+        return self.events / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def cpu_us_per_event(self) -> float:
+        """Return the consumer's CPU microseconds per event over the drain."""
+        return 1e6 * self.cpu_seconds / self.events if self.events else float("nan")
+
+    def context_us_per_event(self, name: str) -> float:
+        """Return a context process's CPU microseconds per event (NaN if not watched)."""
+        if name not in self.context_cpu or not self.events:
+            return float("nan")
+        return 1e6 * self.context_cpu[name] / self.events
+
+
+async def measure_drain(
+    sim: Simulator, sampler: CpuSampler, expected: int, timeout: float
+) -> Drain:
+    """Wait until the simulator accepted `expected` calls; summarise the drain.
+
+    `late_rate` is the rate over the second half of the calls: it leaves out a start-up ramp
+    (such as a rate limiter learning its pace) and shows the steady per-event cost.
+    """
+
+    async def done() -> bool:
+        return int((await sim.get("stats"))["received"]) >= expected
+
+    if not await wait_for(done, timeout, every=0.25):
+        raise RuntimeError(f"drain of {expected} events did not finish within {timeout:.0f} s")
+    await asyncio.sleep(3 * sampler.every)
+    sampler.sample()
+    times = sorted(call["at"] for call in await sim.calls() if call["status"] == 200)
+    first, last = times[0], times[-1]
+    middle = times[len(times) // 2]
+    late = (len(times) - len(times) // 2 - 1) / (last - middle) if last > middle else float("nan")
+    return Drain(
+        len(times),
+        last - first,
+        late,
+        sampler.between(first, last),
+        sampler.context_between(first, last),
+    )
+
+
+def median(values: list[float]) -> float:
+    """Return the median of a non-empty list."""
+    return statistics.median(values)
+
+
+async def declare_plain_queue(channel: Any, name: str) -> Any:
+    """Declare a plain durable quorum queue (the baseline's input), bound to nothing else."""
+    return await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+
+
+async def publish_to_queue(channel: Any, name: str, bodies: list[bytes]) -> None:
+    """Publish bodies straight to one queue (default exchange), confirmed in batches."""
+    batch = []
+    for body in bodies:
+        batch.append(channel.default_exchange.publish(event_message(body), routing_key=name))
+        if len(batch) == 200:
+            await asyncio.gather(*batch)
+            batch = []
+    await asyncio.gather(*batch)
+
+
+async def start_baseline(
+    queue: str | list[str], endpoint: str, count: int, prefetch: int = 64
+) -> asyncio.subprocess.Process:
+    """Start `python -m bench.baseline` on queues; it exits after acking `count` events."""
+    env = worker_env("unused", endpoint)
+    queues = [queue] if isinstance(queue, str) else queue
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.baseline",
+        *itertools.chain.from_iterable(("--queue", name) for name in queues),
+        "--endpoint",
+        endpoint,
+        "--count",
+        str(count),
+        "--prefetch",
+        str(prefetch),
+        env=env,
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+def command_line() -> str:
+    """Return the command that ran this benchmark, to print under its table."""
+    module = Path(sys.argv[0]).with_suffix("").relative_to(REPO).as_posix().replace("/", ".")
+    return " ".join(["python", "-m", module, *sys.argv[1:]])

@@ -6,6 +6,7 @@ call spends waiting here is not charged to its message's retry budget, and neith
 nor attempts refused for a suspected account-wide reason.
 """
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,17 @@ class CallGuard:
         self._account_memory = account_memory_seconds
         self._observer = observer or CallObserver()
         self._last_accepted = -float("inf")
+        self._closed = False
+        self.sending: set[asyncio.Task[Any]] = set()
+
+    def close(self) -> None:
+        """Refuse every call not yet sent: the worker is handing its messages back."""
+        self._closed = True
+
+    def _refuse_if_closed(self) -> None:
+        """End the calling task as if cancelled, so its message is handed back unacked."""
+        if self._closed:
+            raise asyncio.CancelledError("the worker is shutting down")
 
     async def call(self, send: Callable[[], Awaitable[T]], attempts: Attempts) -> T:
         """Wait for the breakers and the limiter, make the call, and learn from its answer."""
@@ -85,9 +97,10 @@ class CallGuard:
             outage_probe = await self.outage.admit()
             account_probe = await self.account.admit()
             sent_at = await self.limiter.acquire()
+            self._refuse_if_closed()
             attempts.waited += time.monotonic() - started
             attempts.record_call()
-            result = await send()
+            result = await self._send(send)
         except EventFailure as failure:
             self._observer.on_answer(failure.code, time.monotonic() - sent_at)
             self._learn_from_failure(failure, sent_at, outage_probe, account_probe, attempts)
@@ -100,6 +113,17 @@ class CallGuard:
         self.limiter.on_success()
         attempts.charged += not (outage_probe or account_probe)
         return result
+
+    async def _send(self, send: Callable[[], Awaitable[T]]) -> T:
+        """Make the call, noting the task as on the wire meanwhile (shutdown lets it finish)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.sending.add(task)
+        try:
+            return await send()
+        finally:
+            if task is not None:
+                self.sending.discard(task)
 
     def _learn_from_failure(
         self,

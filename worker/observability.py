@@ -25,20 +25,47 @@ def short_key(conversation: str | None) -> str | None:
     return conversation[:12] if conversation else None
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Render structlog events as one JSON object per line on stdout."""
+def configure_logging(level: str = "INFO", console: bool | None = None) -> None:
+    """Render every log line, ours and the libraries', as one JSON object on stdout.
+
+    On a terminal (or with `console=True`) lines are rendered for people instead. Libraries
+    (aio-pika, aiormq, botocore, asyncio) log through the standard library: their records go
+    through the same renderer, at WARNING and above, so stdout stays one JSON object per line.
+    """
+    if console is None:
+        console = sys.stdout.isatty()
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    )
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def get_logger(**context: Any) -> Any:

@@ -27,7 +27,7 @@ from worker.policy import RetryPolicy
 from worker.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 from worker.settings import WorkerSettings
 from worker.settlement import Settler
-from worker.topology import declare_topology, leader_lock_name, work_queue_names
+from worker.topology import PARTITION, declare_topology, leader_lock_name, work_queue_names
 
 CONNECT_RETRY_SECONDS = 3.0
 STANDBY_DELAY_SECONDS = 2.0
@@ -110,7 +110,8 @@ class Worker:
             )
 
         def on_answer(outcome: str, seconds: float) -> None:
-            self.metrics.api_calls.labels(outcome=api_outcome(outcome)).inc()
+            code = None if outcome == "ok" else outcome
+            self.metrics.api_calls.labels(outcome=api_outcome(code)).inc()
             self.metrics.api_latency.observe(seconds)
 
         observer = CallObserver(on_answer, self.metrics.ambiguous_retries.inc)
@@ -227,7 +228,9 @@ class Worker:
 
     async def _subscribe(self, channel: AbstractChannel, name: str) -> None:
         """Consume one partition queue."""
-        queue = await channel.get_queue(name, ensure=False)
+        # Declared (same arguments, so idempotent) rather than looked up: the robust channel
+        # only restores consumers of queues it declared itself, after a reconnect.
+        queue = await channel.declare_queue(name, durable=True, arguments=PARTITION)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             await self._on_message(message, name)
@@ -324,5 +327,21 @@ class Worker:
         pending = set(self._in_flight)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
-        handed_back = await self._cancel_in_flight() if pending else 0
+        handed_back = await self._hand_back_unsent(pending) if pending else 0
         self.log.info("worker.drained", handed_back=handed_back)
+
+    async def _hand_back_unsent(self, pending: set[asyncio.Task[Any]]) -> int:
+        """Hand back what has not been sent; let calls already on the wire get their answer.
+
+        Cancelling a call on the wire would requeue an event Connect may have accepted, and
+        the API has no idempotency token: it would be sent twice. Its answer comes within the
+        client's timeouts, and then it is settled; no new call starts.
+        """
+        self.guard.close()
+        on_the_wire = pending & self.guard.sending
+        for task in pending - on_the_wire:
+            task.cancel()
+        timeout = self.settings.connect_timeout_seconds + self.settings.read_timeout_seconds
+        if on_the_wire:
+            await asyncio.wait(on_the_wire, timeout=timeout + 1.0)
+        return await self._cancel_in_flight()

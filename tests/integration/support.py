@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -138,3 +139,74 @@ def worker_environment(broker: Broker, simulator: ConnectSimulator, **extra: str
     env.update(FAST_RETRIES)
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    """Return a TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class TcpProxy:
+    """A TCP proxy in front of the broker that a test can cut, as a network failure would."""
+
+    def __init__(self, target_port: int = 5672) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.StreamWriter] = set()
+        self.refusing = False
+
+    @property
+    def url(self) -> str:
+        """Return the AMQP URL that goes through the proxy."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    async def start(self) -> None:
+        """Listen on a free port."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and cut every connection."""
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self, refuse: bool = True) -> None:
+        """Drop every open connection; with `refuse`, also drop new ones until `restore`."""
+        self.refusing = refuse
+        for writer in list(self._pipes):
+            writer.transport.abort()
+        self._pipes.clear()
+
+    def restore(self) -> None:
+        """Accept connections again."""
+        self.refusing = False
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Pipe one client connection to the broker, both ways."""
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._pipes |= {writer, up_writer}
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy bytes until either side closes."""
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            self._pipes.discard(writer)
+            writer.transport.abort()

@@ -1,0 +1,141 @@
+"""Throttling-aware sending end to end: outages, failing events, account-wide refusals."""
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import StartWorker
+from tests.integration.support import Broker, free_port, wait_until
+from worker.errors import ErrorVariant
+from worker.models import conversation_key
+from worker.simulator import ConnectSimulator
+
+pytestmark = pytest.mark.integration
+
+
+def body(index: int, destination: str = "agent") -> bytes:
+    """Return a valid MESSAGE event whose content carries its index."""
+    event = {
+        "SourceId": f"+1555000{index % 50:04d}",
+        "DestinationId": destination,
+        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": f"m{index}"},
+    }
+    return json.dumps(event).encode()
+
+
+async def publish_all(broker: Broker, bodies: list[bytes]) -> None:
+    """Publish bodies keyed by conversation, as a producer does."""
+    for item in bodies:
+        await broker.publish(item, routing_key=conversation_key(json.loads(item)))
+
+
+async def control(simulator: ConnectSimulator, what: str, spec: dict[str, Any]) -> None:
+    """POST to the simulator's control API, as an operator of the simulator would."""
+    url = f"{simulator.url}/_sim/{what}"
+    async with aiohttp.ClientSession() as http, http.post(url, json=spec) as response:
+        response.raise_for_status()
+
+
+async def readiness(port: int) -> tuple[int, dict[str, Any]]:
+    """Return the status and body of the worker's /readyz."""
+    url = f"http://127.0.0.1:{port}/readyz"
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        return response.status, await response.json()
+
+
+def delivered(simulator: ConnectSimulator) -> set[str]:
+    """Return the contents Connect accepted."""
+    return {call["body"]["Event"]["Content"] for call in simulator.received}
+
+
+async def no_dead_letters(broker: Broker) -> bool:
+    """Return True when every dead-letter queue is empty."""
+    return all([await broker.dead_letter_count(variant) == 0 for variant in ErrorVariant])
+
+
+async def test_an_outage_mid_backlog_is_ridden_out_without_dead_letters(
+    broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
+) -> None:
+    # Given a backlog of 300 events draining at Connect's quota of 40/s
+    simulator.config.rate = 40
+    simulator.config.burst = 10
+    await publish_all(broker, [body(i) for i in range(300)])
+    worker = await start_worker(
+        WORKER_PREFETCH="16", WORKER_TRANSIENT_MAX_ATTEMPTS="4", WORKER_LOG_LEVEL="DEBUG"
+    )
+    await wait_until(lambda: len(simulator.received) >= 60)
+
+    # When Connect fails every call for 15 seconds
+    calls_before = len(simulator.calls)
+    await control(simulator, "outage", {"seconds": 15, "code": "InternalServiceException"})
+
+    # Then every event is delivered afterwards, none is dead-lettered,
+    # and the outage saw the calls in flight plus a few probes, not a storm
+    try:
+        await wait_until(lambda: len(delivered(simulator)) == 300, timeout=60)
+    finally:
+        print("\n".join(line for line in worker.log_lines() if "retrying" not in line)[-6000:])
+        print(len(delivered(simulator)), len(simulator.calls))
+    assert delivered(simulator) == {f"m{i}" for i in range(300)}
+    assert await no_dead_letters(broker)
+    failed = [c for c in simulator.calls[calls_before:] if c["code"] == "InternalServiceException"]
+    started = simulator.calls[calls_before]["at"]
+    assert len(failed) <= 16 + 12, [round(c["at"] - started, 2) for c in failed]
+
+
+async def test_an_event_that_always_fails_is_dead_lettered_after_its_budget(
+    broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
+) -> None:
+    # Given good events and one that Connect always answers with InternalServiceException
+    await publish_all(broker, [body(i) for i in range(20)])
+    await publish_all(broker, [body(99, "simulate:InternalServiceException")])
+
+    # When the worker, with a budget of 3 attempts, has processed them
+    await start_worker(WORKER_TRANSIENT_MAX_ATTEMPTS="3")
+    await wait_until(lambda: broker.dead_letter_count("InternalServiceException"))
+
+    # Then the failing one is dead-lettered after exactly 3 calls, the others delivered
+    [letter] = await broker.take_dead_letters("InternalServiceException")
+    assert letter.headers["x-attempts"] == "3"
+    assert letter.headers["x-http-status"] == "500"
+    calls = [c for c in simulator.calls if c["code"] == "InternalServiceException"]
+    assert len(calls) == 3
+    await wait_until(lambda: len(delivered(simulator)) == 20)
+
+
+async def test_access_denied_everywhere_pauses_with_the_backlog_intact(
+    broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
+) -> None:
+    # Given Connect refusing the account (a wrong role or expired credentials)
+    await control(simulator, "outage", {"seconds": 120, "code": "AccessDeniedException"})
+    await publish_all(broker, [body(i) for i in range(40)])
+    port = free_port()
+    await start_worker(WORKER_PREFETCH="8", WORKER_HTTP_PORT=str(port))
+
+    # When the worker has met the refusals
+    async def paused() -> bool:
+        status, answer = await readiness(port)
+        return status == 503 and "account" in answer["reason"].lower()
+
+    await wait_until(paused)
+    await wait_until(lambda: len(simulator.calls) >= 8)
+    calls_when_paused = len(simulator.calls)
+
+    # Then it holds every event instead of dead-lettering them, and only probes
+    await asyncio.sleep(4)
+    assert await broker.dead_letter_count("AccessDeniedException") == 0
+    assert len(simulator.calls) - calls_when_paused <= 4
+    assert len(simulator.calls) <= 8 + 8
+
+    # When Connect accepts the account again, everything goes through and readiness returns
+    await control(simulator, "outage", {"seconds": 0})
+    await wait_until(lambda: len(delivered(simulator)) == 40, timeout=40)
+    await wait_until(lambda: _ready(port))
+    assert await no_dead_letters(broker)
+
+
+async def _ready(port: int) -> bool:
+    return (await readiness(port))[0] == 200
