@@ -136,8 +136,13 @@ class CallGuard:
         """Tell the limiter and breakers what this failure says about Connect and the account."""
         charged = not (outage_probe or account_probe)
         if isinstance(failure, ThrottledApiError):
+            # A throttle says nothing about an outage: neither ends a failure streak nor
+            # answers a probe (another call probes). It does prove the caller authenticated.
             self.limiter.on_throttle(sent_at)
-            self._learn_accepted(sent_at)
+            self._last_accepted = max(self._last_accepted, time.monotonic())
+            self.account.record_success()
+            if outage_probe:
+                self.outage.abandon_probe()
         elif isinstance(failure, TransientApiError):
             self.outage.record_failure(outage_probe)
             if account_probe:

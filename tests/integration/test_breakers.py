@@ -63,8 +63,8 @@ async def test_an_outage_mid_backlog_is_ridden_out_without_dead_letters(
     simulator.config.rate = 40
     simulator.config.burst = 10
     await publish_all(broker, [body(i) for i in range(300)])
-    worker = await start_worker(
-        WORKER_PREFETCH="16", WORKER_TRANSIENT_MAX_ATTEMPTS="4", WORKER_LOG_LEVEL="DEBUG"
+    await start_worker(
+        WORKER_PREFETCH="16", WORKER_TRANSIENT_MAX_ATTEMPTS="4", WORKER_THROTTLE_MAX_ATTEMPTS="10"
     )
     await wait_until(lambda: len(simulator.received) >= 60)
 
@@ -74,16 +74,11 @@ async def test_an_outage_mid_backlog_is_ridden_out_without_dead_letters(
 
     # Then every event is delivered afterwards, none is dead-lettered,
     # and the outage saw the calls in flight plus a few probes, not a storm
-    try:
-        await wait_until(lambda: len(delivered(simulator)) == 300, timeout=60)
-    finally:
-        print("\n".join(line for line in worker.log_lines() if "retrying" not in line)[-6000:])
-        print(len(delivered(simulator)), len(simulator.calls))
+    await wait_until(lambda: len(delivered(simulator)) == 300, timeout=60)
     assert delivered(simulator) == {f"m{i}" for i in range(300)}
     assert await no_dead_letters(broker)
     failed = [c for c in simulator.calls[calls_before:] if c["code"] == "InternalServiceException"]
-    started = simulator.calls[calls_before]["at"]
-    assert len(failed) <= 16 + 12, [round(c["at"] - started, 2) for c in failed]
+    assert len(failed) <= 16 + 12, len(failed)
 
 
 async def test_an_event_that_always_fails_is_dead_lettered_after_its_budget(
