@@ -10,6 +10,7 @@ from tenacity import RetryCallState
 
 from worker.connect_client import ConnectClient
 from worker.dead_letter import FailureContext
+from worker.dedupe import DeliveredLedger
 from worker.errors import (
     ErrorVariant,
     EventFailure,
@@ -81,6 +82,7 @@ class MessageHandler:
         guard: CallGuard,
         settler: Settler,
         metrics: Metrics,
+        ledger: DeliveredLedger | None = None,
         *,
         worker_id: str,
         max_body_bytes: int,
@@ -91,6 +93,7 @@ class MessageHandler:
         self._guard = guard
         self._settler = settler
         self._metrics = metrics
+        self._ledger = ledger
         self._lines = ConversationLines()
         self._worker_id = worker_id
         self._max_body_bytes = max_body_bytes
@@ -124,6 +127,10 @@ class MessageHandler:
         queue_name: str,
     ) -> Outcome:
         """Send, then settle; return whether the message was settled or handed back."""
+        if await self._already_delivered(message):
+            self._metrics.duplicates_skipped.inc()
+            self._log.info("event.duplicate_skipped", message_id=message.message_id)
+            return Outcome.SETTLED if await self._settler.settle(message) else Outcome.HANDED_BACK
         try:
             await self._send(event, attempts, message)
         except EventFailure as failure:
@@ -136,6 +143,7 @@ class MessageHandler:
             acked = await self._dead_letter(message, bug, attempts, queue_name)
         else:
             self._metrics.delivered.inc()
+            await self._remember_delivered(message)
             acked = await self._settler.settle(message)
         return Outcome.SETTLED if acked else Outcome.HANDED_BACK
 
@@ -164,6 +172,25 @@ class MessageHandler:
             with attempt:
                 await self._guard.call(lambda: self._client.send(event), attempts)
         self._log.debug("event.delivered", message_id=message.message_id, calls=attempts.calls)
+
+    async def _already_delivered(self, message: AbstractIncomingMessage) -> bool:
+        """Return True when the ledger says this message_id was delivered; never raise."""
+        if self._ledger is None or not message.message_id:
+            return False
+        try:
+            return await self._ledger.seen(message.message_id)
+        except Exception as error:  # an unreachable ledger must not stop delivery
+            self._log.warning("ledger.unavailable", error=type(error).__name__)
+            return False
+
+    async def _remember_delivered(self, message: AbstractIncomingMessage) -> None:
+        """Note a delivered message_id in the ledger; a ledger failure only costs dedupe."""
+        if self._ledger is None or not message.message_id:
+            return
+        try:
+            await self._ledger.remember(message.message_id)
+        except Exception as error:
+            self._log.warning("ledger.unavailable", error=type(error).__name__)
 
     async def _dead_letter(
         self,

@@ -71,6 +71,8 @@ class WorkerSettings(BaseSettings):
     account_memory_seconds: float = Field(60.0, gt=0)
     probe_seconds: float = Field(1.0, gt=0)
     probe_max_seconds: float = Field(15.0, gt=0)
+    redis_url: SecretStr | None = None
+    dedupe_window_seconds: float = Field(24 * 3600.0, ge=0)
     max_hold_seconds: float = Field(20 * 60.0, gt=0, lt=30 * 60.0)
 
     @field_validator("queue")
@@ -102,6 +104,10 @@ class WorkerSettings(BaseSettings):
         """Order the sources as SPEC §6 fixes: flags, environment, config file, defaults."""
         toml_file = settings_cls.model_config.get("toml_file")
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
+
+    def masked_redis_url(self) -> str | None:
+        """Return the Redis URL with its password replaced, or None when unset."""
+        return mask_url_password(self.redis_url.get_secret_value()) if self.redis_url else None
 
     def masked_amqp_url(self) -> str:
         """Return the broker URL with its password replaced, fit for logs and `check`."""

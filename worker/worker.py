@@ -19,6 +19,7 @@ from aio_pika.abc import (
 from worker.breaker import Breaker
 from worker.connect_client import ConnectClient
 from worker.consumer import MessageHandler
+from worker.dedupe import DeliveredLedger, MemoryLedger, RedisLedger
 from worker.guard import CallGuard, CallObserver
 from worker.http_server import HealthServer
 from worker.metrics import Metrics, api_outcome
@@ -32,6 +33,16 @@ from worker.topology import PARTITION, declare_topology, leader_lock_name, work_
 CONNECT_RETRY_SECONDS = 3.0
 STANDBY_DELAY_SECONDS = 2.0
 WATCH_SECONDS = 2.0
+
+
+def make_ledger(settings: WorkerSettings) -> DeliveredLedger | None:
+    """Return the delivered-events ledger the settings ask for (None: dedupe off)."""
+    if settings.dedupe_window_seconds <= 0:
+        return None
+    if settings.redis_url is not None:
+        url = settings.redis_url.get_secret_value()
+        return RedisLedger(url, settings.queue, settings.dedupe_window_seconds)
+    return MemoryLedger(settings.dedupe_window_seconds)
 
 
 class Worker:
@@ -50,6 +61,7 @@ class Worker:
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self._handler: MessageHandler | None = None
         self.guard = self._make_guard()
+        self._ledger = make_ledger(settings)
 
     @property
     def stopping(self) -> bool:
@@ -85,6 +97,8 @@ class Worker:
                 return
             self._connection = connection
             stack.push_async_callback(connection.close)
+            if self._ledger is not None:
+                stack.push_async_callback(self._ledger.close)
             client = await stack.enter_async_context(
                 ConnectClient(self.settings, endpoint_url=self._endpoint_url)
             )
@@ -165,6 +179,7 @@ class Worker:
             self.guard,
             settler,
             self.metrics,
+            self._ledger,
             worker_id=self.settings.worker_id,
             max_body_bytes=self.settings.max_body_bytes,
             log=self.log,
