@@ -2,8 +2,12 @@
 
 import asyncio
 import json
+import os
+import re
+import signal
 import sys
 import uuid
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -87,3 +91,49 @@ async def test_bad_setting_is_a_clear_error(base: str) -> None:
     code, output = await run_command("declare", "--queue", "bad name with spaces")
     assert code == 2
     assert "queue" in output
+
+
+async def test_the_container_entrypoint_runs_the_worker_and_its_healthcheck_passes(
+    base: str, tmp_path: Path
+) -> None:
+    # Given the exec-form ENTRYPOINT and CMD of the Dockerfile, run as the image would
+    dockerfile = (REPO / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M).group(1))
+    command = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
+    healthcheck = json.loads(re.search(r"CMD (\[\"python\".+\])$", dockerfile, re.M).group(1))
+    assert entrypoint == ["chat-worker"] and command == ["run"]
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "WORKER_QUEUE": base,
+        "WORKER_AMQP_URL": AMQP_URL,
+        "WORKER_HTTP_PORT": "8080",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+    }
+    process = await asyncio.create_subprocess_exec(
+        *entrypoint,
+        *command,
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        # When the HEALTHCHECK command runs against it
+        async def healthy() -> bool:
+            check = await asyncio.create_subprocess_exec(
+                sys.executable, *healthcheck[1:], stderr=asyncio.subprocess.DEVNULL
+            )
+            return await check.wait() == 0
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await healthy():
+            assert process.returncode is None, "the worker exited"
+            assert asyncio.get_running_loop().time() < deadline, "never healthy"
+            await asyncio.sleep(0.5)
+    finally:
+        # Then SIGTERM (docker stop) ends it with exit code 0
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
