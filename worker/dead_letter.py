@@ -108,11 +108,7 @@ def bounded_errors_json(errors: list[dict[str, Any]]) -> str:
 def build_dead_letter(
     message: AbstractIncomingMessage, failure: EventFailure, context: FailureContext
 ) -> aio_pika.Message:
-    """Return the dead letter of a message: its body byte for byte, its properties, the headers.
-
-    `user_id` and `expiration` are not copied: the broker would refuse a foreign user id, and
-    a dead letter must not expire before an operator has seen it.
-    """
+    """Return the dead letter of a message: its body byte for byte, its properties, the headers."""
     headers: HeadersType = {
         name: value
         for name, value in (message.headers or {}).items()
@@ -121,9 +117,33 @@ def build_dead_letter(
     headers.update(error_headers(failure, context))
     headers["x-original-exchange"] = message.exchange or ""
     headers["x-original-routing-key"] = message.routing_key or ""
+    return copy_message(message, headers)
+
+
+def encodable(value: Any) -> Any:
+    """Return a header value that can be published again.
+
+    pamqp decodes a long string that is not UTF-8 as bytes, but cannot encode bytes back; as a
+    bytearray it goes out unchanged. Nested tables and arrays are walked.
+    """
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {key: encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [encodable(item) for item in value]
+    return value
+
+
+def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
+    """Return a persistent copy of a message with other headers, body and properties kept.
+
+    `user_id` and `expiration` are not copied: the broker would refuse a foreign user id, and
+    a copy must not expire before an operator has seen it.
+    """
     return aio_pika.Message(
         body=message.body,
-        headers=headers,
+        headers={name: encodable(value) for name, value in headers.items()},
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,

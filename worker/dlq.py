@@ -38,7 +38,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, HeadersTyp
 from aio_pika.exceptions import ChannelNotFoundEntity, DeliveryError
 
 from worker.check import BrokerUnreachable, connect_plain, quiet_amqp_logs
-from worker.dead_letter import iso_utc
+from worker.dead_letter import copy_message, iso_utc
 from worker.errors import ErrorVariant
 from worker.observability import scrub
 from worker.publisher import routing_key_for
@@ -147,10 +147,7 @@ def redrive_count(headers: Mapping[str, Any]) -> int:
 def redriven_headers(headers: Mapping[str, Any]) -> HeadersType:
     """Return the headers of a redriven dead letter: the same, with `x-redrive-count` + 1."""
     kept: HeadersType = {
-        # pamqp decodes a non-UTF-8 long string as bytes but cannot encode bytes back.
-        name: bytearray(value) if isinstance(value, bytes) else value
-        for name, value in headers.items()
-        if name not in DEAD_LETTER_QUEUE_HEADERS
+        name: value for name, value in headers.items() if name not in DEAD_LETTER_QUEUE_HEADERS
     }
     kept[REDRIVE_COUNT] = str(redrive_count(headers) + 1)
     return kept
@@ -164,20 +161,7 @@ def redrive_routing_key(headers: Mapping[str, Any], body: bytes) -> str:
 
 def redriven_message(message: AbstractIncomingMessage) -> aio_pika.Message:
     """Return a dead letter as it goes back to the input exchange: body and properties kept."""
-    return aio_pika.Message(
-        body=message.body,
-        headers=redriven_headers(message.headers or {}),
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+    return copy_message(message, redriven_headers(message.headers or {}))
 
 
 # --- Reading the queues --------------------------------------------------------------------

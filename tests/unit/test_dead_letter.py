@@ -322,3 +322,18 @@ def test_redriven_dead_letter_drops_error_headers_of_the_previous_failure() -> N
     assert "x-http-status" not in letter.headers
     assert "x-aws-request-id" not in letter.headers
     assert "x-error-reason" not in letter.headers
+
+
+def test_header_values_decoded_as_bytes_can_be_published_again() -> None:
+    # Given headers as pamqp decodes them when a long string is not UTF-8, nested too
+    from worker.dead_letter import encodable
+
+    decoded = {"raw": b"\xff\xfe", "table": {"inner": b"\x80"}, "list": [b"\x81", 1]}
+
+    # When made encodable, then bytes become bytearray (sent unchanged), the rest is kept
+    assert encodable(decoded) == {
+        "raw": bytearray(b"\xff\xfe"),
+        "table": {"inner": bytearray(b"\x80")},
+        "list": [bytearray(b"\x81"), 1],
+    }
+    assert isinstance(encodable(decoded)["raw"], bytearray)

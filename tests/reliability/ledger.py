@@ -1,0 +1,222 @@
+"""The reliability ledger: every event a test published, and where each one ended.
+
+Connect (the simulator) records request bodies, not AMQP properties, so an event is recognised
+by its request: the canonical JSON of what the worker sends for its body. Tests that need an
+exact mapping put the message_id into `Content` (`token_event`); the fuzz relies on counting
+(several published events may share one request, and then the arrivals are counted against
+them as a multiset).
+"""
+
+import asyncio
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from tests.integration.support import Broker
+from worker.errors import ErrorVariant
+from worker.models import ChatIntegrationEvent, conversation_key
+from worker.simulator import ConnectSimulator
+
+Json = dict[str, Any]
+
+
+def canonical(request: Json) -> str:
+    """Return one spelling of a request, whatever its key order."""
+    return json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def request_key(body: bytes) -> str | None:
+    """Return the canonical request the worker sends for a body, or None if it is malformed."""
+    try:
+        return canonical(ChatIntegrationEvent.model_validate_json(body).to_request())
+    except ValidationError:
+        return None
+
+
+def token_event(token: str, conversation: int, destination: str = "agent") -> bytes:
+    """Return a valid MESSAGE event whose Content is the token (the message_id, usually)."""
+    event = {
+        "SourceId": f"+1555{conversation:07d}",
+        "DestinationId": destination,
+        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": token},
+    }
+    return json.dumps(event).encode()
+
+
+@dataclass
+class Tally:
+    """Where the published events ended, counted against the ledger."""
+
+    published: int
+    delivered: int
+    dead_lettered: Counter[str]
+    lost: list[str]
+    duplicates: int
+    dead_letter_duplicates: int
+    strangers: int
+    """Arrivals or dead letters that no published event explains."""
+
+    def summary(self) -> str:
+        """Return one line for the test output."""
+        return (
+            f"published={self.published} delivered={self.delivered} "
+            f"dead_lettered={dict(self.dead_lettered)} lost={len(self.lost)} "
+            f"duplicates={self.duplicates} dead_letter_duplicates={self.dead_letter_duplicates} "
+            f"strangers={self.strangers}"
+        )
+
+
+@dataclass
+class Ledger:
+    """The set of message_ids a test published, with their bodies."""
+
+    published: dict[str, bytes] = field(default_factory=dict)
+    dead_letters: dict[str, list[AbstractIncomingMessage]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+    async def publish(
+        self,
+        broker: Broker,
+        body: bytes,
+        message_id: str,
+        routing_key: str | None = None,
+        **properties: Any,
+    ) -> str:
+        """Publish with confirms under a message_id the ledger has not seen; record it."""
+        assert message_id not in self.published, f"message_id {message_id} reused"
+        self.published[message_id] = body
+        key = routing_key or routing_key_of(body)
+        await broker.publish(body, routing_key=key, message_id=message_id, **properties)
+        return message_id
+
+    async def publish_tokens(
+        self, broker: Broker, count: int, prefix: str, conversations: int = 50
+    ) -> list[str]:
+        """Publish `count` token events spread over conversations, a few confirms at a time."""
+        ids = [f"{prefix}-{index:05d}" for index in range(count)]
+        for start in range(0, count, 50):
+            batch = ids[start : start + 50]
+            await asyncio.gather(
+                *(
+                    self.publish(broker, token_event(mid, index % conversations), mid)
+                    for index, mid in enumerate(batch, start)
+                )
+            )
+        return ids
+
+    async def collect_dead_letters(self, broker: Broker) -> int:
+        """Take every dead letter out of the broker into the ledger; return how many there were."""
+        taken = 0
+        for variant in ErrorVariant:
+            letters = await broker.take_dead_letters(variant.value)
+            self.dead_letters[variant.value].extend(letters)
+            taken += len(letters)
+        return taken
+
+    def tally(self, simulator: ConnectSimulator) -> Tally:
+        """Count deliveries, dead letters, losses and duplicates against what was published."""
+        arrivals = Counter(canonical(call["body"]) for call in simulator.received)
+        dead = Counter(
+            letter.message_id for letters in self.dead_letters.values() for letter in letters
+        )
+        expected: dict[str | None, list[str]] = defaultdict(list)
+        for message_id, body in self.published.items():
+            if message_id not in dead:
+                expected[request_key(body)].append(message_id)
+        lost: list[str] = []
+        duplicates = delivered = 0
+        for key, ids in expected.items():
+            arrived = arrivals.pop(key, 0) if key is not None else 0
+            delivered += min(arrived, len(ids))
+            duplicates += max(0, arrived - len(ids))
+            lost.extend(ids[arrived:])
+        # Requests of dead-lettered events that also reached Connect are duplicates too.
+        for message_id in dead:
+            key = request_key(self.published.get(message_id, b""))
+            if key is not None and arrivals.get(key, 0) > 0:
+                arrivals[key] -= 1
+                duplicates += 1
+        strangers = sum(arrivals.values()) + sum(1 for mid in dead if mid not in self.published)
+        return Tally(
+            published=len(self.published),
+            delivered=delivered,
+            dead_lettered=Counter(
+                {variant: len(letters) for variant, letters in self.dead_letters.items() if letters}
+            ),
+            lost=lost,
+            duplicates=duplicates,
+            dead_letter_duplicates=sum(count - 1 for count in dead.values()),
+            strangers=strangers,
+        )
+
+    def settled_at_least(self, simulator: ConnectSimulator, dead_lettered: int) -> bool:
+        """Return True once distinct deliveries plus dead letters cover every published event."""
+        distinct = {canonical(call["body"]) for call in simulator.received}
+        return len(distinct) + dead_lettered >= len(self.published)
+
+
+def routing_key_of(body: bytes) -> str:
+    """Return the conversation key of a body, as a producer sends it; any key for a bad one."""
+    try:
+        return conversation_key(json.loads(body))
+    except Exception:  # a hostile body has no conversation: any key routes it
+        return "malformed"
+
+
+def received_tokens(simulator: ConnectSimulator) -> Counter[str]:
+    """Count arrivals by Content (the token of `token_event`)."""
+    return Counter(call["body"]["Event"].get("Content", "") for call in simulator.received)
+
+
+async def dead_letter_total(broker: Broker) -> int:
+    """Return how many dead letters wait over every variant."""
+    return sum([await broker.dead_letter_count(variant.value) for variant in ErrorVariant])
+
+
+async def drained(broker: Broker, ledger: Ledger, simulator: ConnectSimulator) -> bool:
+    """Return True once every published event was delivered or dead-lettered."""
+    return ledger.settled_at_least(simulator, await dead_letter_total(broker))
+
+
+async def control(simulator: ConnectSimulator, what: str, spec: Json) -> None:
+    """POST to the simulator's control API, as an operator of the simulator would."""
+    url = f"{simulator.url}/_sim/{what}"
+    async with aiohttp.ClientSession() as http, http.post(url, json=spec) as response:
+        response.raise_for_status()
+
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (?P<value>\S+)$")
+
+
+async def metric(port: int, name: str) -> float:
+    """Return the sum of a metric's samples from the worker's /metrics (0 when absent)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    total = 0.0
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and match["name"] == name:
+            total += float(match["value"])
+    return total
+
+
+async def readiness(port: int) -> int:
+    """Return the status of the worker's /readyz (0 when it does not answer)."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/readyz") as response,
+        ):
+            return response.status
+    except aiohttp.ClientError:
+        return 0
