@@ -20,9 +20,13 @@ from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import ChannelNotFoundEntity
 from pydantic import SecretStr, ValidationError
 
-from worker.errors import ErrorVariant
 from worker.settings import WorkerSettings, config_file_path
-from worker.topology import dead_letter_exchange_name, dead_letter_queue_name, input_exchange_name
+from worker.topology import (
+    all_queue_names,
+    dead_letter_exchange_name,
+    input_exchange_name,
+    partition_exchange_name,
+)
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -121,17 +125,16 @@ def settings_problems(error: Exception) -> list[str]:
     return [f"settings: {error}"]
 
 
-async def missing_topology(connection: AbstractConnection, base: str) -> list[str]:
-    """Return what producers and dead-lettering need but the broker lacks.
-
-    The input exchange and the dead-letter objects have fixed names (SPEC §3, §4); the work
-    queues behind the input exchange depend on the worker version and its settings.
-    """
+async def missing_topology(
+    connection: AbstractConnection, base: str, partitions: int
+) -> list[str]:
+    """Return what producers, the partitions and dead-lettering need but the broker lacks."""
     missing = []
-    for name in (input_exchange_name(base), dead_letter_exchange_name(base)):
+    exchanges = (input_exchange_name(base), partition_exchange_name(base))
+    for name in (*exchanges, dead_letter_exchange_name(base)):
         if not await _exists(connection, name, exchange=True):
             missing.append(f"exchange {name}")
-    for name in (dead_letter_queue_name(base, variant) for variant in ErrorVariant):
+    for name in all_queue_names(base, partitions):
         if not await _exists(connection, name, exchange=False):
             missing.append(f"queue {name}")
     return missing
@@ -158,9 +161,9 @@ async def check_broker(settings: WorkerSettings) -> list[str]:
         return [str(error)]
     async with connection:
         print(f"broker = reachable at {settings.masked_amqp_url()}")
-        missing = await missing_topology(connection, settings.queue)
+        missing = await missing_topology(connection, settings.queue, settings.partitions)
     if not missing:
-        print(f"topology = input exchange and dead-letter queues of {settings.queue!r} present")
+        print(f"topology = exchanges, partitions and dead-letter queues of {settings.queue!r}")
         return []
     return [f"missing {name}; run `chat-worker declare`" for name in missing]
 

@@ -14,7 +14,7 @@ from worker.topology import declare_topology, delete_topology
 
 pytestmark = pytest.mark.integration
 
-PARTITIONS = 1
+PARTITIONS = 8  # the default, which `check` looks for
 AMQP_PASSWORD = "S3cretPw"
 AWS_SECRET = "wJalrXUtnFEMI-do-not-print-me"
 AWS_TOKEN = "session-token-do-not-print-me"
