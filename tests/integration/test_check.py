@@ -64,7 +64,7 @@ async def test_reachable_broker_and_topology_pass(base: str) -> None:
     assert "amqp_url = amqp://guest:***@127.0.0.1:5672/" in output
     assert f"queue = {base}" in output
     assert "prefetch = 64" in output
-    assert f"topology = input exchange and dead-letter queues of {base!r} present" in output
+    assert f"topology = exchanges, partitions and dead-letter queues of {base!r}" in output
     assert "check: ok" in output
 
 
@@ -76,6 +76,7 @@ async def test_missing_topology_is_reported_with_the_fix() -> None:
     assert code == 1
     assert f"missing exchange {missing}; run `chat-worker declare`" in output
     assert f"missing queue {missing}.dlq.MalformedEvent" in output
+    assert f"missing queue {missing}.work.0" in output
 
 
 async def test_unreachable_broker_fails_without_printing_the_password() -> None:

@@ -49,7 +49,13 @@ async def test_sigkill_mid_backlog_loses_nothing(
     simulator.config.latency_ms = 5
     ledger = Ledger()
     await ledger.publish_tokens(broker, EVENTS, prefix=ledger_kind)
-    settings = {"WORKER_PREFETCH": str(PREFETCH), **LEDGERS[ledger_kind]}
+    # Production retry budgets: a new worker re-learning the quota is throttled a few times.
+    settings = {
+        "WORKER_PREFETCH": str(PREFETCH),
+        "WORKER_THROTTLE_MAX_ATTEMPTS": "10",
+        "WORKER_TRANSIENT_MAX_ATTEMPTS": "6",
+        **LEDGERS[ledger_kind],
+    }
     worker = await start_worker(**settings)
     started = time.monotonic()
 
