@@ -125,9 +125,7 @@ def settings_problems(error: Exception) -> list[str]:
     return [f"settings: {error}"]
 
 
-async def missing_topology(
-    connection: AbstractConnection, base: str, partitions: int
-) -> list[str]:
+async def missing_topology(connection: AbstractConnection, base: str, partitions: int) -> list[str]:
     """Return what producers, the partitions and dead-lettering need but the broker lacks."""
     missing = []
     exchanges = (input_exchange_name(base), partition_exchange_name(base))

@@ -94,6 +94,7 @@ class MessageHandler:
         self._settler = settler
         self._metrics = metrics
         self._ledger = ledger
+        self._background: set[asyncio.Future[None]] = set()
         self._lines = ConversationLines()
         self._worker_id = worker_id
         self._max_body_bytes = max_body_bytes
@@ -170,8 +171,34 @@ class MessageHandler:
 
         async for attempt in self._policy.retrying(charged, before_sleep=before_retry):
             with attempt:
-                await self._guard.call(lambda: self._client.send(event), attempts)
+                await self._guard.call(lambda: self._call(event, message), attempts)
         self._log.debug("event.delivered", message_id=message.message_id, calls=attempts.calls)
+
+    async def _call(
+        self, event: ChatIntegrationEvent, message: AbstractIncomingMessage
+    ) -> dict[str, Any]:
+        """Call Connect once; if this task is cancelled meanwhile, let the call finish.
+
+        The channel's closing (a cut connection) cancels the handler while the request may
+        already be on the wire. The call is left to complete and, if Connect accepts it, the
+        ledger learns so, and skips the redelivery instead of sending the event twice.
+        """
+        call = asyncio.ensure_future(self._client.send(event))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._remember_if_accepted(done, message))
+            raise
+
+    def _remember_if_accepted(
+        self, call: "asyncio.Future[dict[str, Any]]", message: AbstractIncomingMessage
+    ) -> None:
+        """Record an abandoned call that Connect accepted (its failure needs nothing)."""
+        if not call.cancelled() and call.exception() is None:
+            self._metrics.delivered.inc()
+            task = asyncio.ensure_future(self._remember_delivered(message))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _already_delivered(self, message: AbstractIncomingMessage) -> bool:
         """Return True when the ledger says this message_id was delivered; never raise."""

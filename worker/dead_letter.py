@@ -10,11 +10,14 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, HeadersType
+from pamqp.encode import field_table
 
 from worker.errors import EventFailure
 
 MAX_MESSAGE_BYTES = 1024
 MAX_VALIDATION_ERRORS_BYTES = 4096
+# Room left in the 128 KiB properties frame for the error headers and the other properties.
+MAX_COPIED_HEADER_BYTES = 96 * 1024
 
 # Headers a dead letter gets from its failure. A redriven dead letter that fails again must not
 # keep the ones its new failure lacks, so all are dropped before the new ones are added.
@@ -114,10 +117,31 @@ def build_dead_letter(
         for name, value in (message.headers or {}).items()
         if name not in REPLACED_HEADERS
     }
+    headers = fit_in_frame(headers)
     headers.update(error_headers(failure, context))
     headers["x-original-exchange"] = message.exchange or ""
     headers["x-original-routing-key"] = message.routing_key or ""
     return copy_message(message, headers)
+
+
+def fit_in_frame(headers: HeadersType) -> HeadersType:
+    """Drop the largest original headers until the rest leaves room for the error headers.
+
+    All properties travel in one frame (128 KiB by default): a producer's headers that nearly
+    fill it would make the dead letter too large, and the broker closes the connection of a
+    client that sends an oversized frame. The names dropped are listed in `x-dropped-headers`.
+    """
+    if len(field_table(encodable(headers))) <= MAX_COPIED_HEADER_BYTES:
+        return headers
+    kept = dict(headers)
+    dropped = []
+    by_size = sorted(kept, key=lambda name: len(field_table(encodable({name: kept[name]}))))
+    while by_size and len(field_table(encodable(kept))) > MAX_COPIED_HEADER_BYTES:
+        name = by_size.pop()
+        dropped.append(name)
+        del kept[name]
+    kept["x-dropped-headers"] = truncate_utf8(",".join(dropped), MAX_MESSAGE_BYTES)
+    return kept
 
 
 def encodable(value: Any) -> Any:

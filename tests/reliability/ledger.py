@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,10 +139,10 @@ class Ledger:
             duplicates += max(0, arrived - len(ids))
             lost.extend(ids[arrived:])
         # Requests of dead-lettered events that also reached Connect are duplicates too.
-        for message_id in dead:
-            key = request_key(self.published.get(message_id, b""))
-            if key is not None and arrivals.get(key, 0) > 0:
-                arrivals[key] -= 1
+        for dead_id in dead:
+            dead_key = request_key(self.published.get(dead_id or "", b""))
+            if dead_key is not None and arrivals.get(dead_key, 0) > 0:
+                arrivals[dead_key] -= 1
                 duplicates += 1
         strangers = sum(arrivals.values()) + sum(1 for mid in dead if mid not in self.published)
         return Tally(
@@ -170,6 +171,11 @@ def routing_key_of(body: bytes) -> str:
         return "malformed"
 
 
+def received_at_least(simulator: ConnectSimulator, count: int) -> Callable[[], bool]:
+    """Return a predicate: Connect has accepted at least `count` calls."""
+    return lambda: len(simulator.received) >= count
+
+
 def received_tokens(simulator: ConnectSimulator) -> Counter[str]:
     """Count arrivals by Content (the token of `token_event`)."""
     return Counter(call["body"]["Event"].get("Content", "") for call in simulator.received)
@@ -192,11 +198,14 @@ async def control(simulator: ConnectSimulator, what: str, spec: Json) -> None:
         response.raise_for_status()
 
 
-_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (?P<value>\S+)$")
+_SAMPLE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$"
+)
 
 
-async def metric(port: int, name: str) -> float:
-    """Return the sum of a metric's samples from the worker's /metrics (0 when absent)."""
+async def metric(port: int, name: str, **labels: str) -> float:
+    """Return the sum of a metric's samples that carry `labels`, from /metrics (0 if none)."""
+    wanted = [f'{label}="{value}"' for label, value in labels.items()]
     async with (
         aiohttp.ClientSession() as http,
         http.get(f"http://127.0.0.1:{port}/metrics") as response,
@@ -205,7 +214,7 @@ async def metric(port: int, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
         match = _SAMPLE.match(line)
-        if match and match["name"] == name:
+        if match and match["name"] == name and all(w in (match["labels"] or "") for w in wanted):
             total += float(match["value"])
     return total
 
@@ -220,3 +229,10 @@ async def readiness(port: int) -> int:
             return response.status
     except aiohttp.ClientError:
         return 0
+
+
+async def quiescent(broker: Broker, port: int) -> bool:
+    """Return True when the worker is ready, holds nothing, and no event waits in its queues."""
+    if await readiness(port) != 200:
+        return False
+    return await metric(port, "chat_worker_in_flight") == 0 and await broker.work_count() == 0

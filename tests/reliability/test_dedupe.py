@@ -1,0 +1,88 @@
+"""The delivered-message_id ledger, within one process and across processes.
+
+A redelivery after a lost ack reaches the worker as the same message_id again; publishing the
+event twice under one message_id looks exactly like that to the worker.
+"""
+
+import signal
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.integration.conftest import StartWorker
+from tests.integration.support import Broker, free_port, wait_until
+from tests.reliability.conftest import REDIS_URL
+from tests.reliability.ledger import metric, quiescent, received_tokens, token_event
+from worker.simulator import ConnectSimulator
+
+pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+
+
+@pytest.mark.parametrize(
+    ("window", "calls", "skipped"),
+    [("86400", 1, 1), ("0", 2, 0)],
+    ids=["in-memory-ledger", "dedupe-off"],
+)
+async def test_a_redelivered_message_id_is_sent_once_with_the_ledger(
+    window: str,
+    calls: int,
+    skipped: int,
+    broker: Broker,
+    simulator: ConnectSimulator,
+    start_worker: StartWorker,
+) -> None:
+    # Given the same event published twice under one message_id, and a control event after it
+    body = token_event("twice", 1)
+    await broker.publish(body, routing_key="conversation-1", message_id="same-id")
+    await broker.publish(body, routing_key="conversation-1", message_id="same-id")
+    await broker.publish(token_event("after", 1), routing_key="conversation-1", message_id="next")
+
+    # When one worker consumes them, with the in-memory ledger or with dedupe off
+    port = free_port()
+    worker = await start_worker(WORKER_HTTP_PORT=str(port), WORKER_DEDUPE_WINDOW_SECONDS=window)
+    await wait_until(lambda: "after" in received_tokens(simulator), timeout=20)
+    await wait_until(lambda: quiescent(broker, port), timeout=10, every=0.1)
+
+    # Then Connect saw the event once (ledger) or twice (off), and the skip was counted
+    assert received_tokens(simulator)["twice"] == calls
+    assert len(simulator.calls) == calls + 1
+    assert await metric(port, "chat_worker_duplicates_skipped_total") == skipped
+    assert await metric(port, "chat_worker_delivered_total") == calls + 1
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait() == 0
+
+
+@pytest.mark.parametrize(
+    ("ledger_env", "calls"),
+    [({"WORKER_REDIS_URL": REDIS_URL}, 1), ({}, 2)],
+    ids=["redis-ledger", "in-memory-ledger"],
+)
+async def test_only_the_redis_ledger_outlives_the_process(
+    ledger_env: dict[str, str],
+    calls: int,
+    broker: Broker,
+    simulator: ConnectSimulator,
+    start_worker: StartWorker,
+    redis_ledger: Redis,
+) -> None:
+    # Given an event delivered by a worker that has since stopped
+    body = token_event("again", 2)
+    first = await start_worker(**ledger_env)
+    await broker.publish(body, routing_key="conversation-2", message_id="again-id")
+    await wait_until(lambda: "again" in received_tokens(simulator), timeout=20)
+    first.signal(signal.SIGTERM)
+    assert await first.wait() == 0
+
+    # When the same message_id arrives again, at a new worker process
+    await broker.publish(body, routing_key="conversation-2", message_id="again-id")
+    await broker.publish(token_event("after", 2), routing_key="conversation-2", message_id="n")
+    port = free_port()
+    second = await start_worker(WORKER_HTTP_PORT=str(port), **ledger_env)
+    await wait_until(lambda: "after" in received_tokens(simulator), timeout=20)
+    await wait_until(lambda: quiescent(broker, port), timeout=10, every=0.1)
+
+    # Then Redis remembers it across processes; the in-memory ledger died with the first one
+    assert received_tokens(simulator)["again"] == calls
+    assert await metric(port, "chat_worker_duplicates_skipped_total") == 2 - calls
+    second.signal(signal.SIGTERM)
+    assert await second.wait() == 0
