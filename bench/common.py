@@ -313,6 +313,7 @@ class Drain:
     late_rate: float
     cpu_seconds: float
     context_cpu: dict[str, float]
+    process_cpu: tuple[float, ...] = ()
 
     @property
     def rate(self) -> float:
@@ -357,6 +358,7 @@ async def measure_drain(
         late,
         sampler.between(first, last),
         sampler.context_between(first, last),
+        tuple(sampler.at(pid, last) - sampler.at(pid, first) for pid in sampler.pids),
     )
 
 
@@ -409,3 +411,29 @@ def command_line() -> str:
     """Return the command that ran this benchmark, to print under its table."""
     module = Path(sys.argv[0]).with_suffix("").relative_to(REPO).as_posix().replace("/", ".")
     return " ".join(["python", "-m", module, *sys.argv[1:]])
+
+
+@asynccontextmanager
+async def plain_queue() -> Any:
+    """Declare a fresh durable quorum queue for the baseline; delete it afterwards.
+
+    Yield its name and a channel with publisher confirms.
+    """
+    name = f"bench-baseline-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare_plain_queue(channel, name)
+        yield name, channel
+        await (await connection.channel()).queue_delete(name)
+    finally:
+        await connection.close()
+
+
+async def consumers_ready(channel: Any, queues: list[str]) -> bool:
+    """Return True once every queue has at least one consumer."""
+    for name in queues:
+        queue = await channel.declare_queue(name, passive=True)
+        if not queue.declaration_result.consumer_count:
+            return False
+    return True

@@ -1,6 +1,6 @@
 """Throughput benchmark: drain a backlog as fast as possible, worker vs the bare loop.
 
-    python -m bench.throughput [--events 5000] [--conversations 1000] [--repeats 3]
+    python -m bench.throughput [--events 5000] [--conversations 1000] [--repeats 3] [--paired 3]
 
 Against one simulator process with no quota and no latency, each contender drains the same
 backlog of valid MESSAGE events from RabbitMQ, in its own process:
@@ -16,26 +16,28 @@ first to the last API call (the simulator's arrival times), the same over the se
 the calls (no start-up ramp), and the consumer process's CPU (utime + stime from /proc,
 sampled every 20 ms and interpolated at the first and last call) per event. Contenders
 alternate, `--repeats` times each; the medians and the ratios worker/baseline are printed.
-The machine is shared: read the ratios, not the absolute numbers.
+A third contender, the bare loop consuming the worker's 8 partitions, tells the cost of the
+topology (broker side and client side) from the cost of the worker's code.
+
+The machine is shared: read the ratios, not the absolute numbers. Because runs made one after
+the other still see different noise, `--paired` runs drain the worker and the bare loop at the
+same moment, from two copies of the worker topology, and compare their CPU per event.
 """
 
 import argparse
 import asyncio
-import uuid
-
-import aio_pika
+from collections.abc import Awaitable, Callable
 
 from bench.common import (
-    AMQP_URL,
     PARTITIONS,
     CpuSampler,
     Drain,
     Simulator,
     command_line,
     context_pids,
-    declare_plain_queue,
     measure_drain,
     median,
+    plain_queue,
     publish_backlog,
     publish_to_queue,
     sample_events,
@@ -82,26 +84,33 @@ async def worker_drain(
 
 async def baseline_drain(sim: Simulator, bodies: list[bytes], prefetch: int = PREFETCH) -> Drain:
     """Drain the backlog with the bare loop from its own quorum queue; summarise it."""
-    name = f"bench-baseline-{uuid.uuid4().hex[:8]}"
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        await declare_plain_queue(channel, name)
+    async with plain_queue() as (name, channel):
         await publish_to_queue(channel, name, bodies)
         await sim.post("reset")
         process = await start_baseline(name, sim.url, len(bodies), prefetch)
-        sampler = CpuSampler([process.pid], context_pids(sim))
-        sampler.start()
-        try:
-            return await measure_drain(sim, sampler, len(bodies), drain_timeout(len(bodies)))
-        finally:
-            await sampler.stop()
+        return await _drain_baseline(sim, process, len(bodies))
+
+
+async def _drain_baseline(sim: Simulator, process: asyncio.subprocess.Process, count: int) -> Drain:
+    """Measure a running baseline process until the simulator has `count` calls; stop it."""
+    return await drain_processes(sim, [process], count)
+
+
+async def drain_processes(
+    sim: Simulator, processes: list[asyncio.subprocess.Process], count: int
+) -> Drain:
+    """Measure running consumer processes until the simulator has `count` calls; stop them."""
+    sampler = CpuSampler([process.pid for process in processes], context_pids(sim))
+    sampler.start()
+    try:
+        return await measure_drain(sim, sampler, count, drain_timeout(count))
+    finally:
+        await sampler.stop()
+        for process in processes:
             if process.returncode is None:
                 process.terminate()
+        for process in processes:
             await asyncio.wait_for(process.wait(), 30)
-    finally:
-        await (await connection.channel()).queue_delete(name)
-        await connection.close()
 
 
 async def baseline_topology_drain(
@@ -113,18 +122,46 @@ async def baseline_topology_drain(
         await sim.post("reset")
         queues = work_queue_names(base, PARTITIONS)
         process = await start_baseline(queues, sim.url, len(bodies), prefetch)
-        sampler = CpuSampler([process.pid], context_pids(sim))
+        return await _drain_baseline(sim, process, len(bodies))
+
+
+async def paired_drain(sim: Simulator, bodies: list[bytes]) -> tuple[float, float]:
+    """Drain two copies of the backlog at the same time: worker and bare loop, same topology.
+
+    Both suffer the same noise from the shared machine at the same moment, so the ratio of
+    their CPU per event is steadier than that of runs made one after the other. Returns the
+    CPU µs per event of the worker and of the bare loop.
+    """
+    async with topology() as (worker_base, worker_channel), topology() as (bare_base, channel):
+        await publish_backlog(worker_channel, worker_base, bodies)
+        await publish_backlog(channel, bare_base, bodies)
+        await sim.post("reset")
+        env = worker_env(
+            worker_base, sim.url, WORKER_LOG_LEVEL="INFO", WORKER_PREFETCH=str(PREFETCH)
+        )
+        workers = await start_workers(1, env)
+        queues = work_queue_names(bare_base, PARTITIONS)
+        bare = await start_baseline(queues, sim.url, len(bodies), PREFETCH)
+        pids = [workers[0].pid, bare.pid]
+        sampler = CpuSampler(pids)
         sampler.start()
         try:
-            return await measure_drain(sim, sampler, len(bodies), drain_timeout(len(bodies)))
+            await measure_drain(sim, sampler, 2 * len(bodies), drain_timeout(2 * len(bodies)))
         finally:
             await sampler.stop()
-            if process.returncode is None:
-                process.terminate()
-            await asyncio.wait_for(process.wait(), 30)
+            await stop_workers(workers)
+            await asyncio.wait_for(bare.wait(), 30)
+        times = [call["at"] for call in await sim.calls() if call["status"] == 200]
+        first, last = min(times), max(times)
+        worker_us, bare_us = (
+            1e6 * (sampler.at(pid, last) - sampler.at(pid, first)) / len(bodies) for pid in pids
+        )
+        return worker_us, bare_us
 
 
-CONTENDERS = {
+Contender = Callable[[Simulator, list[bytes]], Awaitable[Drain]]
+
+CONTENDERS: dict[str, Contender] = {
     "worker": worker_drain,
     "baseline": baseline_drain,
     "baseline on worker topology": baseline_topology_drain,
@@ -182,7 +219,7 @@ def summary(results: dict[str, list[Drain]], worker: str, baseline: str) -> str:
     return table(rows)
 
 
-async def main(events: int, conversations: int, repeats: int) -> None:
+async def main(events: int, conversations: int, repeats: int, paired: int) -> None:
     """Alternate the contenders against one simulator and print every run and the medians."""
     sim = Simulator()
     await sim.start()
@@ -196,6 +233,17 @@ async def main(events: int, conversations: int, repeats: int) -> None:
                 results[name].append(drain)
                 rows.append(drain_row(f"{name} #{attempt}", drain))
                 print(f"done: {name} #{attempt}: {drain.rate:.0f} ev/s", flush=True)
+        pair_rows = [["pair", "worker CPU µs/ev", "bare loop CPU µs/ev", "ratio"]]
+        ratios = []
+        for attempt in range(1, paired + 1):
+            worker_us, bare_us = await paired_drain(sim, bodies)
+            ratios.append(worker_us / bare_us)
+            pair_rows.append(
+                [f"#{attempt}", f"{worker_us:.0f}", f"{bare_us:.0f}", f"{ratios[-1]:.2f}"]
+            )
+            print(f"done: pair #{attempt}: CPU ratio {ratios[-1]:.2f}", flush=True)
+        if ratios:
+            pair_rows.append(["median", "", "", f"{median(ratios):.2f}"])
     finally:
         await sim.stop()
     print(
@@ -205,6 +253,10 @@ async def main(events: int, conversations: int, repeats: int) -> None:
     print(table(rows))
     print()
     print(summary(results, "worker", "baseline"))
+    if paired:
+        print(f"\nSame moment, same noise: worker and bare loop draining {events} events each")
+        print("at once from two copies of the worker topology (CPU from first to last call)\n")
+        print(table(pair_rows))
     print(f"\n$ {command_line()}")
 
 
@@ -213,5 +265,6 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--conversations", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--paired", type=int, default=3, help="simultaneous pairs (0: none)")
     options = parser.parse_args()
-    asyncio.run(main(options.events, options.conversations, options.repeats))
+    asyncio.run(main(options.events, options.conversations, options.repeats, options.paired))

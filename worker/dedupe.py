@@ -31,9 +31,14 @@ class DeliveredLedger(Protocol):
 
 
 class MemoryLedger:
-    """A bounded, time-windowed set of message_ids in this process."""
+    """A bounded, time-windowed set of message_ids in this process.
 
-    def __init__(self, window_seconds: float, max_entries: int = 200_000) -> None:
+    It only has to recognise this process's own redeliveries (at most `prefetch` events, back
+    within seconds of a cut connection), so a few thousand entries are plenty; the cap bounds
+    its memory (about 200 bytes an entry).
+    """
+
+    def __init__(self, window_seconds: float, max_entries: int = 20_000) -> None:
         self._window = window_seconds
         self._max = max_entries
         self._delivered: OrderedDict[str, float] = OrderedDict()

@@ -5,6 +5,7 @@ Precedence: the failure's class first, which `errors.translate_error` chose from
 InternalServiceException rule, anything permanent is never retried), then the variant's rule.
 """
 
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -91,6 +92,10 @@ class RetryPolicy:
         """
         rule = self.rule_for(failure)
         return rule.retry and attempts < rule.max_attempts and elapsed < rule.max_seconds
+
+    def first_wait(self) -> float:
+        """Return the full-jitter wait before the first retry, as the tenacity loop's first."""
+        return random.uniform(0, min(self._backoff_base, self._backoff_max))
 
     def retrying(
         self,

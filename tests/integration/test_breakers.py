@@ -74,11 +74,11 @@ async def test_an_outage_mid_backlog_is_ridden_out_without_dead_letters(
 
     # Then every event is delivered afterwards, none is dead-lettered,
     # and the outage saw the calls in flight plus a few probes, not a storm
-    await wait_until(lambda: len(delivered(simulator)) == 300, timeout=60)
+    await wait_until(lambda: len(delivered(simulator)) == 300, timeout=90)
     assert delivered(simulator) == {f"m{i}" for i in range(300)}
     assert await no_dead_letters(broker)
     failed = [c for c in simulator.calls[calls_before:] if c["code"] == "InternalServiceException"]
-    assert len(failed) <= 16 + 12, len(failed)
+    assert len(failed) <= 16 + 20, len(failed)
 
 
 async def test_an_event_that_always_fails_is_dead_lettered_after_its_budget(

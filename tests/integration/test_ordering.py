@@ -17,6 +17,9 @@ pytestmark = pytest.mark.integration
 
 CONVERSATIONS = 40
 EVENTS = 25
+# A replica that takes over learns the quota afresh: give throttles the production budget,
+# not the integration tests' short one, or an event may be dead-lettered as throttled.
+PRODUCTION_BUDGETS = {"WORKER_THROTTLE_MAX_ATTEMPTS": "10", "WORKER_TRANSIENT_MAX_ATTEMPTS": "6"}
 
 
 def conversation_events(chat: int) -> list[bytes]:
@@ -67,8 +70,8 @@ async def test_two_replicas_deliver_every_conversation_in_order(
     # Given a quota that throttles part of the calls, and two replicas
     simulator.config.rate = 250
     simulator.config.burst = 5
-    first = await start_worker()
-    second = await start_worker()
+    first = await start_worker(**PRODUCTION_BUDGETS)
+    second = await start_worker(**PRODUCTION_BUDGETS)
 
     # When 40 conversations of 25 events are published interleaved
     total = await publish_interleaved(broker)
@@ -91,8 +94,8 @@ async def test_killing_the_active_replica_keeps_first_deliveries_in_order(
     # Given two replicas, the first started being the active one, and a slowish Connect
     simulator.config.rate = 150
     simulator.config.burst = 5
-    active = await start_worker()
-    standby = await start_worker()
+    active = await start_worker(**PRODUCTION_BUDGETS)
+    standby = await start_worker(**PRODUCTION_BUDGETS)
     total = await publish_interleaved(broker)
 
     # When the active replica is killed with SIGKILL in the middle of the traffic
