@@ -114,7 +114,11 @@ class MessageHandler:
         outcome = Outcome.HANDED_BACK
         try:
             if not await turn.wait():
-                await self._settler.hand_back(message)
+                # While the worker hands everything back, the channel's closing returns the
+                # held deliveries together, in order; one nack now would put this one behind
+                # its successors in the queue.
+                if not self._guard.closed:
+                    await self._settler.hand_back(message)
                 return
             outcome = await self._deliver(message, event, attempts, queue_name)
         finally:

@@ -80,6 +80,11 @@ class CallGuard:
         self._closed = False
         self.sending: set[asyncio.Task[Any]] = set()
 
+    @property
+    def closed(self) -> bool:
+        """Return True once the worker refuses new calls (it is handing messages back)."""
+        return self._closed
+
     def close(self) -> None:
         """Refuse every call not yet sent: the worker is handing its messages back."""
         self._closed = True

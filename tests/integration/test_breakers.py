@@ -64,7 +64,7 @@ async def test_an_outage_mid_backlog_is_ridden_out_without_dead_letters(
     simulator.config.burst = 10
     await publish_all(broker, [body(i) for i in range(300)])
     await start_worker(
-        WORKER_PREFETCH="16", WORKER_TRANSIENT_MAX_ATTEMPTS="4", WORKER_THROTTLE_MAX_ATTEMPTS="10"
+        WORKER_PREFETCH="16", WORKER_TRANSIENT_MAX_ATTEMPTS="6", WORKER_THROTTLE_MAX_ATTEMPTS="10"
     )
     await wait_until(lambda: len(simulator.received) >= 60)
 
