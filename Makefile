@@ -20,6 +20,7 @@ demo: install
 # pytest exits 5 when it collects no test; make treats that as the failure it is.
 test: install
 	.ci/ensure-rabbitmq
+	.ci/ensure-redis
 	$(BIN)/ruff check worker tests bench
 	$(BIN)/python -m pytest -q
 

@@ -114,7 +114,7 @@ class CallGuard:
             self._abandon(outage_probe, account_probe)
             raise
         self._observer.on_answer("ok", time.monotonic() - sent_at)
-        self._learn_accepted(sent_at)
+        self._learn_accepted()
         self.limiter.on_success()
         attempts.charged += not (outage_probe or account_probe)
         return result
@@ -144,8 +144,7 @@ class CallGuard:
             # A throttle says nothing about an outage: neither ends a failure streak nor
             # answers a probe (another call probes). It does prove the caller authenticated.
             self.limiter.on_throttle(sent_at)
-            self._last_accepted = max(self._last_accepted, time.monotonic())
-            self.account.record_success()
+            self._note_authenticated()
             if outage_probe:
                 self.outage.abandon_probe()
         elif isinstance(failure, TransientApiError):
@@ -162,7 +161,7 @@ class CallGuard:
                 self.account.record_failure(account_probe)
                 charged = False
         else:
-            self._learn_accepted(sent_at)
+            self._learn_accepted()
         attempts.charged += charged
 
     def _reclassify(self, failure: EventFailure) -> EventFailure:
@@ -172,10 +171,14 @@ class CallGuard:
             return suspect
         return failure
 
-    def _learn_accepted(self, sent_at: float) -> None:
+    def _learn_accepted(self) -> None:
         """Note that Connect answered this caller: up, and the account accepted."""
-        self._last_accepted = max(self._last_accepted, time.monotonic())
+        self._note_authenticated()
         self.outage.record_success()
+
+    def _note_authenticated(self) -> None:
+        """Note that a call got past authentication: the account works."""
+        self._last_accepted = max(self._last_accepted, time.monotonic())
         self.account.record_success()
 
     def _accepted_recently(self) -> bool:
