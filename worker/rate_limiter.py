@@ -17,6 +17,12 @@ is shared by every replica. The limiter paces calls evenly at a rate it learns:
 
 The rate only grows while the limiter is the bottleneck, so an idle worker does not talk
 itself into a rate it never tried.
+
+Pacing is a token bucket refilled at the rate, holding at most `burst_seconds` of it (never less
+than one call). At the small rates of a real quota it holds one token: calls are spaced evenly.
+When the limiter is far from the bottleneck (a large quota), calls take a token and go without
+waiting, in the bursts the broker delivers them in: pacing them one by one would cost every
+process on the path (worker, broker, Connect's side) a wake-up per event.
 """
 
 import asyncio
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 
 # A waiting call looks at the rate again this often, so a change applies at once.
 MAX_SLEEP_SECONDS = 0.01
+# A token refilled by a sleep of exactly the computed length may fall short by a rounding error.
+ROUNDING = 1e-9
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class RateLimitConfig:
     cut_to: float = 0.97
     measure_seconds: float = 0.3
     measure_min_calls: int = 8
+    burst_seconds: float = 0.05
 
 
 class AdaptiveRateLimiter:
@@ -57,7 +66,8 @@ class AdaptiveRateLimiter:
         self.throttles = 0
         self._starting = True
         self._turns = asyncio.Lock()
-        self._last_sent = -math.inf
+        self._tokens = 1.0
+        self._refilled = clock()
         self._last_cut = -math.inf
         self._last_growth = clock()
         self._last_wait = -math.inf
@@ -76,24 +86,33 @@ class AdaptiveRateLimiter:
     async def acquire(self) -> float:
         """Wait for this call's turn; return the time it is sent at (for `on_throttle`).
 
-        Callers queue on a fair lock and only the first one waits for a slot, computed from
-        the rate at the time: a slot reserved far ahead at an old rate would hold the pace
-        down after the rate grew, or let it run too fast after a cut.
+        A call goes at once while the bucket holds a token and nobody queues before it.
+        Otherwise callers queue on a fair lock and only the first one waits, for the next
+        token at the rate of the time: a slot reserved far ahead at an old rate would hold the
+        pace down after the rate grew, or let it run too fast after a cut.
         """
-        if self._turns.locked():
-            self._note_wait(self._clock())
+        now = self._clock()
+        if not self._turns.locked() and self._take(now):
+            return now
+        self._note_wait(now)
         async with self._turns:
             while True:
                 now = self._clock()
-                interval = 1.0 / self.rate
-                slot = self._last_sent + interval
-                if slot <= now:
-                    # Count from the slot, not from now, so that sleeping late does not slow
-                    # the pace; after an idle spell, count from now: no burst.
-                    self._last_sent = slot if slot > now - interval else now
+                if self._take(now):
                     return now
                 self._note_wait(now)
-                await asyncio.sleep(min(slot - now, MAX_SLEEP_SECONDS))
+                wait = (1.0 - self._tokens) / self.rate
+                await asyncio.sleep(min(wait, MAX_SLEEP_SECONDS))
+
+    def _take(self, now: float) -> bool:
+        """Refill the bucket up to now and take a token from it if there is one."""
+        capacity = max(1.0, self.rate * self.config.burst_seconds)
+        self._tokens = min(capacity, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        if self._tokens < 1.0 - ROUNDING:
+            return False
+        self._tokens = max(0.0, self._tokens - 1.0)
+        return True
 
     def on_success(self) -> None:
         """Count a call that got through, and let the rate grow if it holds sends back."""

@@ -73,9 +73,16 @@ def make_limiter(clock: FakeClock, **config: Any) -> AdaptiveRateLimiter:
 
 
 def saturate(limiter: AdaptiveRateLimiter) -> None:
-    """Make two calls back to back, so that the second has to wait: the limiter holds sends."""
-    run(limiter.acquire())
-    run(limiter.acquire())
+    """Make calls back to back until one has to wait: the limiter holds sends back."""
+    sleeps = len(limiter_clock(limiter).sleeps)
+    while len(limiter_clock(limiter).sleeps) == sleeps:
+        run(limiter.acquire())
+
+
+def limiter_clock(limiter: AdaptiveRateLimiter) -> FakeClock:
+    clock = limiter._clock
+    assert isinstance(clock, FakeClock)
+    return clock
 
 
 def cut_once(limiter: AdaptiveRateLimiter, clock: FakeClock, successes: int) -> None:
@@ -132,6 +139,32 @@ async def test_concurrent_calls_are_paced_in_real_time() -> None:
     offsets = [at - started for at in sent]
     assert all(offset >= k * 0.005 - 0.001 for k, offset in enumerate(offsets)), offsets
     assert time.monotonic() - started < 0.25
+
+
+def test_a_high_rate_lets_a_burst_through_without_waiting(clock: FakeClock) -> None:
+    # Given a limiter at 1000/s holding 50 ms of it in reserve, idle for a second
+    limiter = make_limiter(clock, initial_rate=1000.0, burst_seconds=0.05)
+    clock.now = 1.0
+
+    # When 60 calls come at once
+    sent = [run(limiter.acquire()) for _ in range(60)]
+
+    # Then the first 50 go at once and the rest are paced at 1 ms
+    assert sent[:50] == [1.0] * 50
+    assert sent[50:] == pytest.approx([1.0 + 0.001 * k for k in range(1, 11)])
+
+
+def test_the_reserve_shrinks_with_the_rate(clock: FakeClock) -> None:
+    # Given a limiter at 1000/s with a full reserve of 50 calls, cut to 25/s
+    limiter = make_limiter(clock, initial_rate=1000.0, burst_seconds=0.05)
+    clock.now = 1.0
+    limiter.rate = 25.0
+
+    # When calls come at once
+    sent = [run(limiter.acquire()) for _ in range(3)]
+
+    # Then at most the new reserve (1.25 calls) goes at once, then 1/25 s apart
+    assert sent == pytest.approx([1.0, 1.03, 1.07])
 
 
 # Growth
@@ -363,7 +396,7 @@ def test_rate_never_drops_below_min_rate(clock: FakeClock) -> None:
 
 def test_calls_after_a_cut_are_spaced_at_the_new_rate(clock: FakeClock) -> None:
     # Given a limiter at 100/s cut to 25/s
-    limiter = make_limiter(clock, initial_rate=100.0)
+    limiter = make_limiter(clock, initial_rate=100.0, burst_seconds=0.0)
     limiter.on_throttle(sent_at=0.0)
     clock.now = 0.3
     limiter.on_success()
