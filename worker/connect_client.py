@@ -1,9 +1,14 @@
 """The aiobotocore client for Connect, configured for a worker that owns every retry."""
 
+import platform
 from contextlib import AsyncExitStack
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import Any
 
+import aiobotocore
+import botocore
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
@@ -12,12 +17,32 @@ from worker.models import ChatIntegrationEvent
 from worker.settings import WorkerSettings
 
 
+@cache
+def user_agent() -> str:
+    """Return the client's User-Agent: this worker, the SDK and the runtime, built once.
+
+    Left to itself, botocore rebuilds its User-Agent twice per request, sanitising every
+    component character by character: measured at about a tenth of the worker's CPU. A fixed
+    string drops only the per-request feature codes (`m/...`) that AWS collects as telemetry.
+    """
+    try:
+        own = version("connect-chat-worker")
+    except PackageNotFoundError:
+        own = "unknown"
+    return (
+        f"connect-chat-worker/{own} aiobotocore/{aiobotocore.__version__} "
+        f"botocore/{botocore.__version__} "
+        f"Python/{platform.python_version()} {platform.system()}/{platform.release()}"
+    )
+
+
 def client_config(settings: WorkerSettings) -> AioConfig:
     """Return the botocore configuration of the worker's client.
 
     botocore's retries are off (`total_max_attempts=1`) so that attempts and throttles are
     counted once, by the worker. Parameter validation is off because the pydantic model
-    enforces the same constraints; the pool holds one connection per prefetched message.
+    enforces the same constraints; the pool holds one connection per prefetched message; the
+    User-Agent is built once (`user_agent`).
     """
     return AioConfig(
         retries={"total_max_attempts": 1, "mode": "standard"},
@@ -25,7 +50,7 @@ def client_config(settings: WorkerSettings) -> AioConfig:
         read_timeout=settings.read_timeout_seconds,
         max_pool_connections=settings.prefetch,
         parameter_validation=False,
-        user_agent_extra="connect-chat-worker",
+        user_agent=user_agent(),
     )
 
 
