@@ -14,7 +14,7 @@ exchange is a plugin shipped with RabbitMQ: `rabbitmq_consistent_hash_exchange`.
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractExchange
 from pamqp.common import FieldTable
 
 from worker.errors import ErrorVariant
@@ -75,7 +75,6 @@ class Topology:
     """The declared objects the worker uses."""
 
     input_exchange: AbstractExchange
-    work_queues: list[AbstractQueue]
     dead_letter_exchange: AbstractExchange
 
 
@@ -90,11 +89,9 @@ async def declare_topology(channel: AbstractChannel, base: str, partitions: int)
     )
     spread = await _declare_partition_exchange(channel, base)
     await spread.bind(inbound, routing_key="")
-    work = []
     for name in work_queue_names(base, partitions):
         queue = await channel.declare_queue(name, durable=True, arguments=PARTITION)
         await queue.bind(spread, routing_key="1")  # the weight of the partition
-        work.append(queue)
     dead_letters = await channel.declare_exchange(
         dead_letter_exchange_name(base), aio_pika.ExchangeType.DIRECT, durable=True
     )
@@ -103,7 +100,7 @@ async def declare_topology(channel: AbstractChannel, base: str, partitions: int)
             dead_letter_queue_name(base, variant), durable=True, arguments=QUORUM
         )
         await queue.bind(dead_letters, routing_key=variant.value)
-    return Topology(inbound, work, dead_letters)
+    return Topology(inbound, dead_letters)
 
 
 async def _declare_partition_exchange(channel: AbstractChannel, base: str) -> AbstractExchange:
