@@ -1,6 +1,7 @@
 """Helpers for integration tests: the broker view, the worker process, polling."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -26,6 +27,22 @@ FAST_RETRIES = {
     "WORKER_BACKOFF_MAX_SECONDS": "0.05",
     "WORKER_DEAD_LETTER_RETRY_DELAY_SECONDS": "0.2",
 }
+
+
+def chat_event(source: str, destination: str, content: str, **fields: object) -> dict[str, Any]:
+    """Return a valid MESSAGE event from `source`, with extra top-level fields."""
+    body: dict[str, Any] = {
+        "SourceId": source,
+        "DestinationId": destination,
+        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": content},
+    }
+    body.update(fields)
+    return body
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """Encode like a producer: compact JSON, UTF-8."""
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 async def wait_until(

@@ -20,6 +20,8 @@ from tests.integration.support import (
     REPO,
     Broker,
     TcpProxy,
+    chat_event,
+    encode,
     free_port,
     wait_until,
     worker_environment,
@@ -36,18 +38,7 @@ CONTENT = "pickup code zebra-7781 at the north gate"
 
 def event(destination: str = "agent-1", content: str = CONTENT, **fields: object) -> dict:
     """Return a valid MESSAGE event from the customer's phone."""
-    body: dict = {
-        "SourceId": PHONE,
-        "DestinationId": destination,
-        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": content},
-    }
-    body.update(fields)
-    return body
-
-
-def encode(body: dict) -> bytes:
-    """Encode like a producer: compact JSON, UTF-8."""
-    return json.dumps(body, separators=(",", ":")).encode()
+    return chat_event(PHONE, destination, content, **fields)
 
 
 async def publish_event(broker: Broker, body: dict, **properties: Any) -> str:

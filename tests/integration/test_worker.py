@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, wait_until
+from tests.integration.support import Broker, chat_event, encode, wait_until
 from worker.errors import ErrorVariant
 from worker.models import conversation_key
 from worker.simulator import ConnectSimulator
@@ -22,18 +22,7 @@ CONTENT = "my secret appointment is at 3pm"
 
 def event(destination: str = "agent-1", content: str = CONTENT, **fields: object) -> dict:
     """Return a valid MESSAGE event."""
-    body: dict = {
-        "SourceId": PHONE,
-        "DestinationId": destination,
-        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": content},
-    }
-    body.update(fields)
-    return body
-
-
-def encode(body: dict) -> bytes:
-    """Encode like a producer: compact JSON, UTF-8."""
-    return json.dumps(body, separators=(",", ":")).encode()
+    return chat_event(PHONE, destination, content, **fields)
 
 
 async def test_good_events_reach_connect_once_and_are_acked(
