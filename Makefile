@@ -22,6 +22,8 @@ test: install
 	.ci/ensure-rabbitmq
 	.ci/ensure-redis
 	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: install

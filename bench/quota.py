@@ -10,6 +10,7 @@ is successes per second over the drain (first call to last success) divided by t
 import argparse
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -83,7 +84,7 @@ async def worker_run(sim: Simulator, replicas: int, bodies: list[bytes], **setti
         workers = await start_workers(replicas, worker_env(base, sim.url, **settings))
 
         async def drained() -> bool:
-            return (await sim.get("stats"))["received"] >= len(bodies)
+            return int((await sim.get("stats"))["received"]) >= len(bodies)
 
         await wait_for(drained, timeout=10 * len(bodies) / sim.flags["rate"] + 60)
         await stop_workers(workers)
@@ -100,17 +101,18 @@ async def main(events: int, rate: float, burst: int) -> None:
     await sim.start()
     bodies = list(sample_events(events, conversations=events // 5))
     rows = [["run", "delivered", "gave up/DLQ", "calls", "throttled", "drain s", "quota used"]]
+    contenders: list[tuple[str, Callable[[], Awaitable[int]]]] = [
+        ("worker, 1 replica", lambda: worker_run(sim, 1, bodies)),
+        ("worker, 2 replicas", lambda: worker_run(sim, 2, bodies)),
+        (
+            "worker, 2 replicas, spread",
+            lambda: worker_run(sim, 2, bodies, WORKER_SPREAD_PARTITIONS="true"),
+        ),
+        ("aiobotocore adaptive", lambda: bare_client(sim, "adaptive", bodies)),
+        ("aiobotocore standard", lambda: bare_client(sim, "standard", bodies)),
+    ]
     try:
-        for name, run in [
-            ("worker, 1 replica", lambda: worker_run(sim, 1, bodies)),
-            ("worker, 2 replicas", lambda: worker_run(sim, 2, bodies)),
-            (
-                "worker, 2 replicas, spread",
-                lambda: worker_run(sim, 2, bodies, WORKER_SPREAD_PARTITIONS="true"),
-            ),
-            ("aiobotocore adaptive", lambda: bare_client(sim, "adaptive", bodies)),
-            ("aiobotocore standard", lambda: bare_client(sim, "standard", bodies)),
-        ]:
+        for name, run in contenders:
             await sim.post("reset")
             await asyncio.sleep(1.0)
             failed = await run()
