@@ -1,6 +1,7 @@
 """The bare loop a user would write by hand: the baseline every benchmark compares against.
 
     python -m bench.baseline --queue Q [--queue Q2 ...] --endpoint URL [--count N] [--prefetch 64]
+                             [--tuned]
 
 aio-pika consume -> aiobotocore `send_chat_integration_event(**json.loads(body))` -> ack, with
 the same prefetch as the worker and botocore's defaults otherwise (legacy retries, parameter
@@ -10,6 +11,10 @@ acked `--count` events (0: run until SIGTERM). AWS credentials and region come f
 environment, as for the worker. Given several queues (the worker's partitions, to tell the cost
 of the topology from the cost of the worker's code), it consumes each with an equal share of
 the prefetch, as the worker does.
+
+With `--tuned`, the client gets the worker's botocore settings (a User-Agent built once,
+parameter validation and botocore's retries off), so that a comparison with the worker shows
+the cost of the worker's own code alone.
 """
 
 import argparse
@@ -27,14 +32,28 @@ from aiobotocore.session import get_session
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-async def consume(queue_names: list[str], endpoint: str, count: int, prefetch: int) -> None:
+def client_config(prefetch: int, tuned: bool) -> AioConfig:
+    """Return botocore's defaults with a pool of `prefetch`, or the worker's settings."""
+    if not tuned:
+        return AioConfig(max_pool_connections=prefetch)
+    return AioConfig(
+        max_pool_connections=prefetch,
+        user_agent="bench-baseline/1.0",
+        parameter_validation=False,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+    )
+
+
+async def consume(
+    queue_names: list[str], endpoint: str, count: int, prefetch: int, tuned: bool = False
+) -> None:
     """Send every message of the queues to Connect and ack it, until `count` are acked."""
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, done.set)
     acked = 0
-    config = AioConfig(max_pool_connections=prefetch)
+    config = client_config(prefetch, tuned)
     async with get_session().create_client(
         "connect", endpoint_url=endpoint, config=config
     ) as client:
@@ -63,8 +82,11 @@ def main() -> None:
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--prefetch", type=int, default=64)
+    parser.add_argument("--tuned", action="store_true", help="the worker's botocore settings")
     options = parser.parse_args()
-    asyncio.run(consume(options.queue, options.endpoint, options.count, options.prefetch))
+    asyncio.run(
+        consume(options.queue, options.endpoint, options.count, options.prefetch, options.tuned)
+    )
 
 
 if __name__ == "__main__":

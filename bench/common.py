@@ -384,9 +384,12 @@ async def publish_to_queue(channel: Any, name: str, bodies: list[bytes]) -> None
 
 
 async def start_baseline(
-    queue: str | list[str], endpoint: str, count: int, prefetch: int = 64
+    queue: str | list[str], endpoint: str, count: int, prefetch: int = 64, tuned: bool = False
 ) -> asyncio.subprocess.Process:
-    """Start `python -m bench.baseline` on queues; it exits after acking `count` events."""
+    """Start `python -m bench.baseline` on queues; it exits after acking `count` events.
+
+    `tuned` gives its client the worker's botocore settings (see `bench.baseline`).
+    """
     env = worker_env("unused", endpoint)
     queues = [queue] if isinstance(queue, str) else queue
     return await asyncio.create_subprocess_exec(
@@ -400,6 +403,7 @@ async def start_baseline(
         str(count),
         "--prefetch",
         str(prefetch),
+        *(["--tuned"] if tuned else []),
         env=env,
         cwd=REPO,
         stdout=asyncio.subprocess.DEVNULL,

@@ -17,7 +17,10 @@ the calls (no start-up ramp), and the consumer process's CPU (utime + stime from
 sampled every 20 ms and interpolated at the first and last call) per event. Contenders
 alternate, `--repeats` times each; the medians and the ratios worker/baseline are printed.
 A third contender, the bare loop consuming the worker's 8 partitions, tells the cost of the
-topology (broker side and client side) from the cost of the worker's code.
+topology (broker side and client side) from the cost of the worker's code. A fourth, the bare
+loop with the worker's botocore settings (`bench.baseline --tuned`: a User-Agent built once,
+no parameter validation, no botocore retries), tells the cost of the worker's own code alone:
+the worker gains from those settings what a user who tuned the bare loop would gain too.
 
 The machine is shared: read the ratios, not the absolute numbers. Because runs made one after
 the other still see different noise, `--paired` runs drain the worker and the bare loop at the
@@ -82,13 +85,20 @@ async def worker_drain(
             await stop_workers(workers)
 
 
-async def baseline_drain(sim: Simulator, bodies: list[bytes], prefetch: int = PREFETCH) -> Drain:
+async def baseline_drain(
+    sim: Simulator, bodies: list[bytes], prefetch: int = PREFETCH, tuned: bool = False
+) -> Drain:
     """Drain the backlog with the bare loop from its own quorum queue; summarise it."""
     async with plain_queue() as (name, channel):
         await publish_to_queue(channel, name, bodies)
         await sim.post("reset")
-        process = await start_baseline(name, sim.url, len(bodies), prefetch)
+        process = await start_baseline(name, sim.url, len(bodies), prefetch, tuned)
         return await _drain_baseline(sim, process, len(bodies))
+
+
+async def tuned_baseline_drain(sim: Simulator, bodies: list[bytes]) -> Drain:
+    """Drain the backlog with the bare loop given the worker's botocore settings."""
+    return await baseline_drain(sim, bodies, tuned=True)
 
 
 async def _drain_baseline(sim: Simulator, process: asyncio.subprocess.Process, count: int) -> Drain:
@@ -165,6 +175,7 @@ CONTENDERS: dict[str, Contender] = {
     "worker": worker_drain,
     "baseline": baseline_drain,
     "baseline on worker topology": baseline_topology_drain,
+    "baseline, worker's botocore settings": tuned_baseline_drain,
 }
 
 
@@ -196,8 +207,8 @@ HEADER = [
 ]
 
 
-def summary(results: dict[str, list[Drain]], worker: str, baseline: str) -> str:
-    """Return the medians of each contender and the ratios worker/baseline."""
+def summary(results: dict[str, list[Drain]], worker: str, baselines: list[str]) -> str:
+    """Return the medians of each contender and the ratios of the worker to each baseline."""
     medians = {
         name: (
             median([d.rate for d in drains]),
@@ -213,9 +224,10 @@ def summary(results: dict[str, list[Drain]], worker: str, baseline: str) -> str:
             for what in ("simulator", "broker")
         ]
         rows.append([name, f"{rate:.0f}", f"{late:.0f}", f"{cpu:.0f}", *context])
-    w, b = medians[worker], medians[baseline]
-    ratios = [f"{w[i] / b[i]:.2f}" for i in range(3)]
-    rows.append([f"ratio {worker}/{baseline}", *ratios, "", ""])
+    for baseline in baselines:
+        w, b = medians[worker], medians[baseline]
+        ratios = [f"{w[i] / b[i]:.2f}" for i in range(3)]
+        rows.append([f"ratio {worker} / {baseline}", *ratios, "", ""])
     return table(rows)
 
 
@@ -252,7 +264,7 @@ async def main(events: int, conversations: int, repeats: int, paired: int) -> No
     )
     print(table(rows))
     print()
-    print(summary(results, "worker", "baseline"))
+    print(summary(results, "worker", ["baseline", "baseline, worker's botocore settings"]))
     if paired:
         print(f"\nSame moment, same noise: worker and bare loop draining {events} events each")
         print("at once from two copies of the worker topology (CPU from first to last call)\n")
