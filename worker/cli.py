@@ -10,6 +10,7 @@ from pathlib import Path
 import aio_pika
 from pydantic import ValidationError
 
+from worker import amqp_compat
 from worker.check import add_check_parser
 from worker.dlq import add_dlq_parser
 from worker.observability import configure_logging
@@ -170,6 +171,7 @@ async def dispatch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `chat-worker` and `python -m worker`."""
     args = build_parser().parse_args(argv)
+    amqp_compat.install()
     try:
         return asyncio.run(dispatch(args))
     except (ValidationError, ValueError, FileNotFoundError) as error:

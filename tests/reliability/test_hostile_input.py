@@ -394,13 +394,6 @@ class NotUtf8(str):
         return b"\xff\xfe\x00binary"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pamqp cannot unmarshal a timestamp past year 9999 (a producer writing microseconds): "
-    "the content header of the delivery kills the worker's AMQP connection, the robust "
-    "connection reconnects, the broker redelivers the same event, and so on forever; "
-    "events behind it are not consumed",
-)
 async def test_a_timestamp_in_microseconds_does_not_stall_the_worker(
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
 ) -> None:
