@@ -1,14 +1,15 @@
 """Where the worker's time goes: sample it with py-spy while it drains a backlog.
 
-    python -m bench.profile [--events 20000] [--contender worker|baseline] [--top 30]
+    python -m bench.profile [--events 20000] [--contender worker|baseline|tuned] [--top 30]
                             [--output profile.txt]
 
-Against a simulator with no quota and no latency, the contender (the worker with its defaults
-and INFO logs, or the bare loop on the worker's partitions) drains `--events` events at
+Against a simulator with no quota and no latency, the contender drains `--events` events at
 prefetch 64 while `py-spy record` samples it (100 Hz, idle frames left out, the process paused
-at each sample so that stacks are whole). Printed: the functions with the most samples on
-their own (self) and under them (inclusive), as shares of all samples. `--output` keeps the
-collapsed stacks (flamegraph.pl or speedscope read them).
+at each sample so that stacks are whole). Contenders: `worker` (its defaults, INFO logs),
+`baseline` (the bare loop on the worker's partitions), `tuned` (the same with the worker's
+botocore settings). Printed: the functions with the most samples on their own (self) and under
+them (inclusive), as shares of all samples. `--output` keeps the collapsed stacks
+(flamegraph.pl or speedscope read them).
 
 py-spy must be installed (`pip install -e '.[bench]'`) and allowed to ptrace the process
 (root, or kernel.yama.ptrace_scope=0).
@@ -81,7 +82,7 @@ async def start_contender(
         (process,) = await start_workers(1, env)
         return process
     queues = work_queue_names(base, PARTITIONS)
-    return await start_baseline(queues, sim.url, events, PREFETCH)
+    return await start_baseline(queues, sim.url, events, PREFETCH, tuned=contender == "tuned")
 
 
 async def profile(contender: str, events: int, output: Path) -> None:
@@ -115,7 +116,7 @@ def main() -> None:
     """Parse the flags, profile, print the hottest functions."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--contender", choices=["worker", "baseline"], default="worker")
+    parser.add_argument("--contender", choices=["worker", "baseline", "tuned"], default="worker")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--output", type=Path)
     options = parser.parse_args()
