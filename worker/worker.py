@@ -34,6 +34,7 @@ from worker.topology import PARTITION, declare_topology, leader_lock_name, work_
 CONNECT_RETRY_SECONDS = 3.0
 STANDBY_DELAY_SECONDS = 2.0
 WATCH_SECONDS = 2.0
+SPREAD_PAUSE_SECONDS = (0.1, 0.3)
 
 
 def make_ledger(settings: WorkerSettings) -> DeliveredLedger | None:
@@ -233,7 +234,11 @@ class Worker:
         return True
 
     async def _subscribe_spread(self, channel: AbstractChannel, names: list[str]) -> None:
-        """Take the partitions without an active consumer first, in random order."""
+        """Take the partitions without an active consumer first, in random order.
+
+        A pause after each one leaves free partitions for replicas starting at the same time;
+        without it, the first replica up took all of them before the second one asked.
+        """
         random.shuffle(names)
         standby = []
         for name in names:
@@ -241,7 +246,7 @@ class Worker:
                 standby.append(name)
             else:
                 await self._subscribe(channel, name)
-                await asyncio.sleep(random.uniform(0.0, 0.05))
+                await asyncio.sleep(random.uniform(*SPREAD_PAUSE_SECONDS))
         for name in standby:
             await self._subscribe(channel, name)
 

@@ -64,14 +64,16 @@ def first_deliveries(turns: list[int]) -> list[int]:
     return [turn for turn in turns if not (turn in seen or seen.add(turn))]
 
 
+@pytest.mark.parametrize("spread", ["false", "true"], ids=["leader", "spread"])
 async def test_two_replicas_deliver_every_conversation_in_order(
-    broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
+    broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker, spread: str
 ) -> None:
-    # Given a quota that throttles part of the calls, and two replicas
+    # Given a quota that throttles part of the calls, and two replicas started together
+    # (by default one leads and one stands by; spread, they share the partitions)
     simulator.config.rate = 250
     simulator.config.burst = 5
-    first = await start_worker(**PRODUCTION_BUDGETS)
-    second = await start_worker(**PRODUCTION_BUDGETS)
+    settings = {**PRODUCTION_BUDGETS, "WORKER_SPREAD_PARTITIONS": spread}
+    first, second = await asyncio.gather(start_worker(**settings), start_worker(**settings))
 
     # When 40 conversations of 25 events are published interleaved
     total = await publish_interleaved(broker)
