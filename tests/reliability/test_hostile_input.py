@@ -24,6 +24,7 @@ from tests.integration.conftest import StartWorker
 from tests.integration.support import Broker, free_port, wait_until
 from tests.reliability.ledger import (
     Ledger,
+    Tally,
     dead_letter_total,
     drained,
     quiescent,
@@ -394,26 +395,36 @@ class NotUtf8(str):
         return b"\xff\xfe\x00binary"
 
 
-async def test_a_timestamp_in_microseconds_does_not_stall_the_worker(
-    broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
-) -> None:
-    # Given a valid event whose AMQP timestamp is in microseconds, and 40 ordinary events
-    ledger = Ledger()
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port))
-    poison = "timestamp-in-microseconds"
-    stamp = MicrosecondTimestamp.now(dt.UTC)
-    await ledger.publish(broker, token_event(poison, 999), poison, timestamp=stamp)
-    await ledger.publish_tokens(broker, 40, prefix="behind-the-timestamp")
+async def settle_behind(
+    broker: Broker, simulator: ConnectSimulator, ledger: Ledger, prefix: str
+) -> tuple[bool, Tally]:
+    """Publish 40 ordinary events behind what the ledger holds; give the worker 15 s for all.
 
-    # When the worker has had 15 seconds for 41 events
+    Return whether every event was delivered or dead-lettered in time, and the tally.
+    """
+    await ledger.publish_tokens(broker, 40, prefix=prefix)
     settled = True
     try:
         await wait_until(lambda: drained(broker, ledger, simulator), timeout=15, every=0.25)
     except AssertionError:
         settled = False
     await ledger.collect_dead_letters(broker)
-    tally = ledger.tally(simulator)
+    return settled, ledger.tally(simulator)
+
+
+async def test_a_timestamp_in_microseconds_does_not_stall_the_worker(
+    broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
+) -> None:
+    # Given a valid event whose AMQP timestamp is in microseconds
+    ledger = Ledger()
+    port = free_port()
+    worker = await start_worker(WORKER_HTTP_PORT=str(port))
+    poison = "timestamp-in-microseconds"
+    stamp = MicrosecondTimestamp.now(dt.UTC)
+    await ledger.publish(broker, token_event(poison, 999), poison, timestamp=stamp)
+
+    # When 40 ordinary events follow, and the worker has had 15 seconds for all 41
+    settled, tally = await settle_behind(broker, simulator, ledger, "behind-the-timestamp")
     reconnects = sum("Could not unmarshal" in line for line in worker.log_lines())
     print(f"\nmicrosecond timestamp: {tally.summary()}; unmarshal failures logged: {reconnects}")
 
@@ -430,23 +441,15 @@ FRAME_FILLING_HEADER = 130_900
 async def test_a_malformed_event_with_frame_filling_headers_does_not_stall_the_worker(
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
 ) -> None:
-    # Given a body that is not JSON whose headers fill the frame the broker accepts, and 40
-    # ordinary events
+    # Given a body that is not JSON whose headers fill the frame the broker accepts
     ledger = Ledger()
     port = free_port()
     worker = await start_worker(WORKER_HTTP_PORT=str(port))
     padding = {"padding": "x" * FRAME_FILLING_HEADER}
     await ledger.publish(broker, b"not json", "frame-filling-headers", headers=padding)
-    await ledger.publish_tokens(broker, 40, prefix="behind-the-headers")
 
-    # When the worker has had 15 seconds for 41 events
-    settled = True
-    try:
-        await wait_until(lambda: drained(broker, ledger, simulator), timeout=15, every=0.25)
-    except AssertionError:
-        settled = False
-    await ledger.collect_dead_letters(broker)
-    tally = ledger.tally(simulator)
+    # When 40 ordinary events follow, and the worker has had 15 seconds for all 41
+    settled, tally = await settle_behind(broker, simulator, ledger, "behind-the-headers")
     frame_errors = sum("frame_too_large" in line for line in worker.log_lines())
     print(f"\nframe-filling headers: {tally.summary()}; frame_too_large closes: {frame_errors}")
 
