@@ -14,10 +14,11 @@ from worker import amqp_compat
 from worker.check import add_check_parser
 from worker.dlq import add_dlq_parser
 from worker.observability import configure_logging
+from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings, load_settings
 from worker.topology import declare_topology
 
-EXIT_USAGE = 2
+EXIT_USAGE = ExitCode.USAGE
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     amqp_compat.install()
     try:
         return asyncio.run(dispatch(args))
+    except Problem as problem:
+        print(f"chat-worker: {problem.line}", file=sys.stderr)
+        return int(problem.exit_code)
     except (ValidationError, ValueError, FileNotFoundError) as error:
         print(f"chat-worker: {error}", file=sys.stderr)
         return EXIT_USAGE
