@@ -1,6 +1,7 @@
 """One message's life: decode -> validate -> wait for its turn -> send (with retries) -> settle."""
 
 import asyncio
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -8,9 +9,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 from tenacity import RetryCallState
 
+from worker.amqp_compat import UNDECODABLE_HEADER
 from worker.connect_client import ConnectClient
 from worker.dead_letter import FailureContext
-from worker.dedupe import DeliveredLedger
+from worker.dedupe import DeliveredLedger, Fingerprint, Verdict
 from worker.errors import (
     ErrorVariant,
     EventFailure,
@@ -34,8 +36,16 @@ def malformed(code: str, message: str, errors: list[dict[str, Any]] | None = Non
     )
 
 
-def decode(body: bytes, max_body_bytes: int) -> ChatIntegrationEvent:
-    """Parse and validate a body; raise `MalformedEventError` saying what is wrong with it."""
+def decode(
+    body: bytes, max_body_bytes: int, headers: Mapping[str, Any] | None = None
+) -> ChatIntegrationEvent:
+    """Parse and validate a body; raise `MalformedEventError` saying what is wrong with it.
+
+    A message whose properties the AMQP codec could not fully read (`amqp_compat` marks it)
+    is malformed too: what it carries cannot be trusted, nor copied whole.
+    """
+    if headers and UNDECODABLE_HEADER in headers:
+        raise malformed("UndecodableProperties", str(headers[UNDECODABLE_HEADER]))
     if len(body) > max_body_bytes:
         raise malformed("BodyTooLarge", f"body is {len(body)} bytes, limit {max_body_bytes}")
     try:
@@ -105,7 +115,7 @@ class MessageHandler:
         self._metrics.consumed.inc()
         attempts = Attempts()
         try:
-            event = decode(message.body, self._max_body_bytes)
+            event = decode(message.body, self._max_body_bytes, message.headers)
         except EventFailure as failure:
             await self._dead_letter(message, failure, attempts, queue_name)
             return
@@ -234,21 +244,29 @@ class MessageHandler:
             task.add_done_callback(self._background.discard)
 
     async def _already_delivered(self, message: AbstractIncomingMessage) -> bool:
-        """Return True when the ledger says this message_id was delivered; never raise."""
+        """Return True when the ledger says this very event was delivered; never raise.
+
+        A message_id delivered before with another body is a reused id: a different event,
+        sent like any other and counted.
+        """
         if self._ledger is None or not message.message_id:
             return False
         try:
-            return await self._ledger.seen(message.message_id)
+            verdict = await self._ledger.verdict(Fingerprint.of(message.message_id, message.body))
         except Exception as error:  # an unreachable ledger must not stop delivery
             self._log.warning("ledger.unavailable", error=type(error).__name__)
             return False
+        if verdict is Verdict.REUSED_ID:
+            self._metrics.reused_message_ids.inc()
+            self._log.info("event.reused_message_id", message_id=message.message_id)
+        return verdict is Verdict.DELIVERED
 
     async def _remember_delivered(self, message: AbstractIncomingMessage) -> None:
-        """Note a delivered message_id in the ledger; a ledger failure only costs dedupe."""
+        """Note a delivered event in the ledger; a ledger failure only costs dedupe."""
         if self._ledger is None or not message.message_id:
             return
         try:
-            await self._ledger.remember(message.message_id)
+            await self._ledger.remember(Fingerprint.of(message.message_id, message.body))
         except Exception as error:
             self._log.warning("ledger.unavailable", error=type(error).__name__)
 

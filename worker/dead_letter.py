@@ -10,8 +10,8 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, HeadersType
-from pamqp.encode import field_table
 
+from worker.amqp_compat import encode_field_table as field_table
 from worker.errors import EventFailure
 
 MAX_MESSAGE_BYTES = 1024

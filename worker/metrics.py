@@ -104,7 +104,11 @@ class Metrics:
             self.dead_lettered.labels(variant=variant.value)
         self.duplicates_skipped = self._counter(
             "duplicates_skipped",
-            "Redelivered events whose message_id was already delivered, settled without sending.",
+            "Redelivered events (same message_id, same body) already delivered, settled unsent.",
+        )
+        self.reused_message_ids = self._counter(
+            "reused_message_ids",
+            "Events whose message_id an earlier, different event carried; sent all the same.",
         )
 
     def _define_api_metrics(self) -> None:

@@ -1,4 +1,4 @@
-"""The delivered-message_id ledger, within one process and across processes.
+"""The delivered-events ledger (message_id and body), within one process and across processes.
 
 A redelivery after a lost ack reaches the worker as the same message_id again; publishing the
 event twice under one message_id looks exactly like that to the worker.
@@ -86,3 +86,60 @@ async def test_only_the_redis_ledger_outlives_the_process(
     assert await metric(port, "chat_worker_duplicates_skipped_total") == 2 - calls
     second.signal(signal.SIGTERM)
     assert await second.wait() == 0
+
+
+LEDGERS = [({}, "in-memory-ledger"), ({"WORKER_REDIS_URL": REDIS_URL}, "redis-ledger")]
+
+
+@pytest.mark.parametrize("ledger_env", [env for env, _ in LEDGERS], ids=[i for _, i in LEDGERS])
+async def test_a_reused_message_id_with_another_body_is_delivered_and_counted(
+    ledger_env: dict[str, str],
+    broker: Broker,
+    simulator: ConnectSimulator,
+    start_worker: StartWorker,
+    redis_ledger: Redis,
+) -> None:
+    # Given two different events under one message_id (a producer's restarted counter),
+    # the first of them redelivered, and a control event after them
+    first, second = token_event("first", 3), token_event("second", 3)
+    for body in (first, first, second, token_event("control", 3)):
+        await broker.publish(body, routing_key="conversation-3", message_id="counter-1")
+
+    # When one worker consumes them
+    port = free_port()
+    worker = await start_worker(WORKER_HTTP_PORT=str(port), **ledger_env)
+    await wait_until(lambda: "control" in received_tokens(simulator), timeout=20)
+    await wait_until(lambda: quiescent(broker, port), timeout=10, every=0.1)
+
+    # Then both different events reached Connect, the redelivery did not, and the reuse counts
+    tokens = received_tokens(simulator)
+    assert (tokens["first"], tokens["second"], tokens["control"]) == (1, 1, 1)
+    assert await metric(port, "chat_worker_duplicates_skipped_total") == 1
+    assert await metric(port, "chat_worker_reused_message_ids_total") == 2
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait() == 0
+
+
+async def test_the_redis_ledger_reads_and_writes_the_keys_of_earlier_versions(
+    broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker, redis_ledger: Redis
+) -> None:
+    # Given an event an earlier version delivered: it recorded `<queue>:delivered:<message_id>`
+    await redis_ledger.set(f"{broker.base}:delivered:old-id", b"1", ex=600)
+    await broker.publish(token_event("old", 4), routing_key="conversation-4", message_id="old-id")
+    # ... and a new event
+    await broker.publish(token_event("new", 4), routing_key="conversation-4", message_id="new-id")
+
+    # When a worker of this version consumes them
+    port = free_port()
+    worker = await start_worker(WORKER_HTTP_PORT=str(port), WORKER_REDIS_URL=REDIS_URL)
+    await wait_until(lambda: "new" in received_tokens(simulator), timeout=20)
+    await wait_until(lambda: quiescent(broker, port), timeout=10, every=0.1)
+
+    # Then the earlier version's delivery is not sent again, and this version's delivery is
+    # recorded under the earlier key too, for replicas of that version in a rolling deploy
+    assert "old" not in received_tokens(simulator)
+    assert await metric(port, "chat_worker_duplicates_skipped_total") == 1
+    assert await redis_ledger.get(f"{broker.base}:delivered:new-id") is not None
+    assert len([key async for key in redis_ledger.scan_iter(f"{broker.base}:delivered:v2*")]) == 2
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait() == 0
