@@ -13,7 +13,8 @@ waits forever. `install()` swaps in codecs that never fail on those:
   redrive carries the producer's bytes unchanged (valid UTF-8 is unaffected either way);
 - header values keep their value: a float goes out as a double (pamqp would round a double to
   32 bits);
-- timestamps are divided by 1000 until they are a representable moment;
+- timestamps are divided by 1000 until they are a representable moment, and a moment past
+  2106 is written back in milliseconds, the unit in which readers take it;
 - a delivery mode other than 1 or 2 is read as 1 (transient), as RabbitMQ treats it;
 - properties that still cannot be decoded (a malformed frame) keep what was decoded before the
   fault and gain the header `UNDECODABLE_HEADER` with the reason: the consumer dead-letters
@@ -22,6 +23,7 @@ waits forever. `install()` swaps in codecs that never fail on those:
 
 import datetime
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +39,9 @@ TRANSIENT = 1
 _KNOWN_DELIVERY_MODES = (1, 2)
 _pamqp_unmarshal = commands.Basic.Properties.unmarshal
 _pamqp_encode_table_value = encode.encode_table_value
+_pamqp_encode_timestamp = encode.timestamp
+# The largest timestamp readers take as seconds; above it they read milliseconds.
+MAX_SECONDS = 0xFFFFFFFF
 
 
 def lenient_timestamp(value: bytes) -> tuple[int, datetime.datetime]:
@@ -54,6 +59,23 @@ def lenient_timestamp(value: bytes) -> tuple[int, datetime.datetime]:
         except (OverflowError, OSError, ValueError):
             continue
     raise ValueError("Could not read timestamp value as a moment")
+
+
+def encode_timestamp(value: datetime.datetime | time.struct_time) -> bytes:
+    """Encode a moment so that an AMQP reader reads it back as the same moment.
+
+    Readers (pamqp, and this module) take a value above 2^32 as milliseconds: a moment past
+    the year 2106 is written in milliseconds, where pamqp would write seconds that read back
+    as a moment in 1971.
+    """
+    if not isinstance(value, datetime.datetime):
+        return _pamqp_encode_timestamp(value)
+    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+        value = value.replace(tzinfo=datetime.UTC)
+    seconds = int(value.timestamp())
+    if seconds > MAX_SECONDS:
+        return common.Struct.timestamp.pack(round(value.timestamp() * 1000))
+    return common.Struct.timestamp.pack(seconds)
 
 
 def text_from_wire(raw: bytes) -> str:
@@ -128,7 +150,7 @@ def encode_field_table(value: common.FieldTable) -> bytes:
     # (up to 255) must go out again unchanged in a dead letter.
     for key, item in sorted(value.items()):
         parts.append(lenient_string(common.Struct.byte, key))
-        parts.append(encode_table_value(item))
+        parts.append(encode.encode_table_value(item))
     data = b"".join(parts)
     return common.Struct.integer.pack(len(data)) + data
 
@@ -169,4 +191,6 @@ def install() -> None:
     encode.field_table = encode_field_table
     encode.encode_table_value = encode_table_value
     encode.METHODS["table"] = encode_field_table
+    encode.METHODS["timestamp"] = encode_timestamp
+    encode.timestamp = encode_timestamp
     commands.Basic.Properties.unmarshal = lenient_unmarshal  # type: ignore[method-assign,assignment]

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import io
 import signal
 import sys
 from collections.abc import Sequence
@@ -173,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `chat-worker` and `python -m worker`."""
     args = build_parser().parse_args(argv)
     amqp_compat.install()
+    # A producer's bytes that are not UTF-8 (a message_id in `dlq show`, say) are printed
+    # escaped rather than raising halfway through the output.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return asyncio.run(dispatch(args))
     except Problem as problem:

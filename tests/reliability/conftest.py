@@ -7,8 +7,7 @@ from redis.asyncio import Redis
 
 from tests.integration.conftest import broker, simulator, start_worker  # noqa: F401
 from tests.integration.support import Broker
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.reliability.ledger import REDIS_URL
 
 
 @pytest.fixture

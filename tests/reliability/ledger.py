@@ -18,11 +18,15 @@ from typing import Any
 import aiohttp
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
+from redis.asyncio import Redis
 
 from tests.integration.support import Broker
+from worker.dedupe import Fingerprint, RedisLedger
 from worker.errors import ErrorVariant
 from worker.models import ChatIntegrationEvent, conversation_key
 from worker.simulator import ConnectSimulator
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 Json = dict[str, Any]
 
@@ -236,3 +240,19 @@ async def quiescent(broker: Broker, port: int) -> bool:
     if await readiness(port) != 200:
         return False
     return await metric(port, "chat_worker_in_flight") == 0 and await broker.work_count() == 0
+
+
+async def remembered_ids(redis: Redis, base: str, ledger: Ledger) -> set[str]:
+    """Return the published message_ids whose event the Redis ledger remembers as delivered.
+
+    Fails if the ledger holds an event key that matches no published event.
+    """
+    keys = RedisLedger(REDIS_URL, base, 60)
+    remembered = {
+        message_id
+        for message_id, body in ledger.published.items()
+        if await redis.exists(keys.keys(Fingerprint.of(message_id, body))[0])
+    }
+    stored = [key async for key in redis.scan_iter(f"{base}:delivered:v2:*", count=1000)]
+    assert len(stored) == len(remembered), "the ledger remembers events nobody published"
+    return remembered

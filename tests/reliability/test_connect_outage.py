@@ -22,6 +22,7 @@ from tests.reliability.ledger import (
     quiescent,
     readiness,
     received_tokens,
+    remembered_ids,
 )
 from worker.simulator import ConnectSimulator
 
@@ -119,8 +120,7 @@ async def test_stalled_connect_beyond_the_read_timeout_loses_nothing(
     assert tally.duplicates <= ambiguous
     # The ledger remembers only what Connect confirmed: nothing in it is missing from Connect.
     if ledger_kind == "redis-ledger":
-        remembered = [key async for key in redis_ledger.scan_iter(f"{broker.base}:delivered:*")]
-        ids = {key.decode().rsplit(":", 1)[1] for key in remembered}
+        ids = await remembered_ids(redis_ledger, broker.base, ledger)
         assert ids == set(ledger.published)
         assert ids <= set(received_tokens(simulator))
     worker.signal(signal.SIGTERM)

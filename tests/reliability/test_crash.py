@@ -22,6 +22,7 @@ from tests.reliability.ledger import (
     quiescent,
     received_at_least,
     received_tokens,
+    remembered_ids,
 )
 from worker.simulator import ConnectSimulator
 
@@ -96,8 +97,7 @@ async def test_sigkill_mid_backlog_loses_nothing(
     assert tally.duplicates <= KILLS * PREFETCH
     # With Redis, every remembered delivery really reached Connect: the ledger hides no loss.
     if ledger_kind == "redis-ledger":
-        remembered = [key async for key in redis_ledger.scan_iter(f"{broker.base}:delivered:*")]
-        ids = {key.decode().rsplit(":", 1)[1] for key in remembered}
+        ids = await remembered_ids(redis_ledger, broker.base, ledger)
         assert ids, "the Redis ledger remembered nothing"
         assert ids <= set(received_tokens(simulator))
     else:

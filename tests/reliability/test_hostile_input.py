@@ -32,6 +32,8 @@ from tests.reliability.ledger import (
     request_key,
     token_event,
 )
+from tests.reliability.raw_amqp import RawTimestamp, Typed, raw_values, typed_values
+from worker.amqp_compat import text_from_wire, text_to_wire
 from worker.dead_letter import REPLACED_HEADERS
 from worker.models import conversation_key
 from worker.simulator import ConnectSimulator
@@ -39,8 +41,10 @@ from worker.simulator import ConnectSimulator
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 EXAMPLES = 2000
+ID_SUFFIX = "id_suffix"
 MAX_BODY = 64 * 1024
 Json = dict[str, Any]
+
 
 # --- bodies -----------------------------------------------------------------------------------
 
@@ -209,7 +213,15 @@ bodies = st.one_of(
 
 # --- properties -------------------------------------------------------------------------------
 
-header_keys = st.text(max_size=30)  # at most 120 UTF-8 bytes: AMQP field names stop at 128
+
+# Any bytes a client library can send, read as the lenient codec reads them (and sent back as
+# those bytes by this process's codec): text, or bytes that are not UTF-8.
+def wire_text(max_chars: int, max_bytes: int) -> st.SearchStrategy[str]:
+    """Return short text, or raw bytes that are rarely UTF-8, as a producer may send either."""
+    return st.text(max_size=max_chars) | st.binary(max_size=max_bytes).map(text_from_wire)
+
+
+header_keys = wire_text(30, 120)  # at most 120 bytes: AMQP field names stop at 128
 timestamps = st.datetimes(min_value=dt.datetime(1970, 1, 2), max_value=dt.datetime(2100, 1, 1)).map(
     lambda moment: moment.replace(microsecond=0, tzinfo=dt.UTC)
 )
@@ -217,15 +229,16 @@ header_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(width=32, allow_nan=False, allow_infinity=False)  # RabbitMQ has no inf
+    | st.floats(allow_nan=False, allow_infinity=False)  # RabbitMQ has no inf
     | st.decimals(places=2, min_value=-(10**6), max_value=10**6)
-    | st.text(max_size=300)
+    | wire_text(300, 300)
     | st.binary(max_size=64).map(bytearray)
-    | timestamps,
+    | timestamps
+    | typed_values,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(header_keys, inner, max_size=3),
     max_leaves=8,
 )
-short_strings = st.text(max_size=60)  # at most 240 bytes: AMQP short strings stop at 255
+short_strings = wire_text(60, 240)  # at most 240 bytes: AMQP short strings stop at 255
 properties = st.fixed_dictionaries(
     {},
     optional={
@@ -236,7 +249,11 @@ properties = st.fixed_dictionaries(
         "type": short_strings,
         "app_id": short_strings,
         "reply_to": short_strings,
-        "timestamp": timestamps,
+        # Any 64-bit value: seconds, milliseconds, microseconds, nanoseconds, or nonsense.
+        "timestamp": timestamps | st.integers(0, 2**64 - 1).map(RawTimestamp.of),
+        "priority": st.integers(0, 255),
+        # Appended to the ledger's message_id: the id may hold any bytes too.
+        ID_SUFFIX: st.just("") | wire_text(10, 40),
     },
 )
 long_header = st.none() | st.integers(1000, 10_000).map(lambda size: "ü\n\x00" * (size // 3))
@@ -270,6 +287,11 @@ def hostile_examples() -> list[tuple[bytes, Json]]:
     return collect_examples()
 
 
+def without_suffix(props: Json) -> Json:
+    """Return the AMQP properties of an example, without the message_id suffix it drew."""
+    return {name: value for name, value in props.items() if name != ID_SUFFIX}
+
+
 def expected_delivery(body: bytes) -> bool:
     """Return True when the worker must deliver the body: within the limit and API-valid."""
     return len(body) <= MAX_BODY and request_key(body) is not None
@@ -295,14 +317,18 @@ async def test_fuzzed_bodies_and_properties_end_delivered_or_malformed(
     ledger = Ledger()
     sent_properties: dict[str, Json] = {}
     for start in range(0, len(examples), 50):
-        batch = list(enumerate(examples[start : start + 50], start))
-        await asyncio.gather(
-            *(
-                ledger.publish(broker, body, f"fuzz-{i:05d}", routing_key(body, i), **props)
-                for i, (body, props) in batch
+        batch = [
+            (f"fuzz-{i:05d}{props.get(ID_SUFFIX, '')}", body, i, without_suffix(props))
+            for i, (body, props) in enumerate(examples[start : start + 50], start)
+        ]
+        with raw_values():
+            await asyncio.gather(
+                *(
+                    ledger.publish(broker, body, mid, routing_key(body, i), **props)
+                    for mid, body, i, props in batch
+                )
             )
-        )
-        sent_properties.update({f"fuzz-{i:05d}": props for i, (_, props) in batch})
+        sent_properties.update({mid: props for mid, _, _, props in batch})
     must_deliver = {mid for mid, body in ledger.published.items() if expected_delivery(body)}
     print(f"\nfuzz: {len(examples)} examples, {len(must_deliver)} valid")
     assert 200 <= len(must_deliver) <= len(examples) - 500, "the mix lost its balance"
@@ -357,7 +383,10 @@ def assert_properties_kept(letter: Any, sent: Json) -> None:
         kept, original = getattr(letter, name) or None, sent.get(name) or None
         assert kept == original, (letter.message_id, name)
     if "timestamp" in sent:
-        assert letter.timestamp == sent["timestamp"], letter.message_id
+        stamp = sent["timestamp"]
+        expected = stamp.read_back() if isinstance(stamp, RawTimestamp) else stamp
+        assert letter.timestamp == expected, letter.message_id
+    assert (letter.priority or 0) == sent.get("priority", 0), letter.message_id
     headers = letter.headers or {}
     for name, value in (sent.get("headers") or {}).items():
         if name not in REPLACED_HEADERS:
@@ -367,6 +396,8 @@ def assert_properties_kept(letter: Any, sent: Json) -> None:
 
 def normalised(value: Any) -> Any:
     """Compare header values as the AMQP table types carry them."""
+    if isinstance(value, Typed):
+        return normalised(value.value)
     if isinstance(value, dict):
         return {key: normalised(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -386,13 +417,6 @@ class MicrosecondTimestamp(dt.datetime):
 
     def timestamp(self) -> float:
         return super().timestamp() * 1_000_000
-
-
-class NotUtf8(str):
-    """A header string whose wire bytes are not UTF-8, as a client writing byte[] sends it."""
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return b"\xff\xfe\x00binary"
 
 
 async def settle_behind(
@@ -465,7 +489,8 @@ async def test_a_malformed_event_with_a_binary_header_is_dead_lettered(
     # Given a body that is not JSON, sent with a header whose long string is binary
     ledger = Ledger()
     worker = await start_worker()
-    await ledger.publish(broker, b"\x00not json", "binary-header", headers={"trace": NotUtf8()})
+    trace = text_from_wire(b"\xff\xfe\x00binary")  # goes out as these bytes
+    await ledger.publish(broker, b"\x00not json", "binary-header", headers={"trace": trace})
 
     # When the worker has handled it
     async def dead_lettered() -> bool:
@@ -473,13 +498,11 @@ async def test_a_malformed_event_with_a_binary_header_is_dead_lettered(
 
     await wait_until(dead_lettered, timeout=10, every=0.25)
 
-    # Then it is a MalformedEvent dead letter, its header kept byte for byte
+    # Then it is a MalformedEvent dead letter, its header kept byte for byte, as a string
     [letter] = await broker.take_dead_letters("MalformedEvent")
     assert letter.body == b"\x00not json"
     assert letter.headers is not None
-    trace = letter.headers["trace"]
-    assert isinstance(trace, bytes | bytearray)
-    assert bytes(trace) == b"\xff\xfe\x00binary"
+    assert text_to_wire(letter.headers["trace"]) == b"\xff\xfe\x00binary"
     assert not [line for line in worker.log_lines() if "dead_letter.publish_failed" in line]
     worker.signal(signal.SIGTERM)
     assert await worker.wait() == 0

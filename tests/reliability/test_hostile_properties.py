@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.conftest import StartWorker
 from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.test_dlq import dlq
 from tests.reliability.ledger import Ledger, metric, quiescent, readiness, token_event
 from worker.amqp_compat import text_from_wire, text_to_wire
 from worker.models import conversation_key
@@ -45,6 +46,11 @@ def odd_cases() -> list[tuple[str, dict[str, object]]]:
     return cases
 
 
+async def redriven_dead_letter(broker: Broker) -> bool:
+    """Return True once the redriven event is back in its dead-letter queue, and nothing waits."""
+    return await broker.dead_letter_count("MalformedEvent") == 1 and not await broker.work_count()
+
+
 async def test_odd_bytes_in_every_property_leave_the_conversation_in_order(
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
 ) -> None:
@@ -71,9 +77,15 @@ async def test_odd_bytes_in_every_property_leave_the_conversation_in_order(
     arrived = [call["body"]["Event"]["Content"] for call in simulator.received]
     assert arrived == order
     assert await broker.work_count() == 0
-    # And the malformed one is a dead letter whose properties are the producer's bytes
+    # And the malformed one is a dead letter that an operator can read and redrive, whose
+    # properties are still the producer's bytes when it is dead-lettered again
+    code, shown, _ = await dlq(broker.base, "show")
+    assert code == 0 and "odd-malformed" in shown
+    assert (await dlq(broker.base, "redrive", "--variant", "MalformedEvent"))[0] == 0
+    await wait_until(lambda: redriven_dead_letter(broker), timeout=15, every=0.25)
     [letter] = await broker.take_dead_letters("MalformedEvent")
     assert letter.body == b"\xffnot json"
+    assert (letter.headers or {})["x-redrive-count"] == "1"
     for name in TEXT_PROPERTIES:
         assert text_to_wire(getattr(letter, name)) == NOT_UTF8, name
     # And the worker never lost its connection, and stops cleanly
