@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from worker import amqp_compat
 from worker.check import add_check_parser
 from worker.dlq import add_dlq_parser
+from worker.masking import install_log_masking, mask
 from worker.observability import configure_logging
 from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings, load_settings
@@ -173,13 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `chat-worker` and `python -m worker`."""
     args = build_parser().parse_args(argv)
     amqp_compat.install()
+    install_log_masking()
     try:
         return asyncio.run(dispatch(args))
     except Problem as problem:
-        print(f"chat-worker: {problem.line}", file=sys.stderr)
+        print(f"chat-worker: {mask(problem.line)}", file=sys.stderr)
         return int(problem.exit_code)
     except (ValidationError, ValueError, FileNotFoundError) as error:
-        print(f"chat-worker: {error}", file=sys.stderr)
+        print(f"chat-worker: {mask(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
