@@ -40,6 +40,7 @@ class WorkerSettings(BaseSettings):
     )
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    amqp_connect_timeout_seconds: float = Field(10.0, gt=0)
     queue: str = "chat-integration-events"
     prefetch: int = Field(64, ge=1, le=65535)
     partitions: int = Field(8, ge=1, le=64)
