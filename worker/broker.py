@@ -192,12 +192,12 @@ def _no_answer(error: Exception, settings: WorkerSettings) -> Problem:
 
 
 def _not_amqp(error: Exception, settings: WorkerSettings) -> Problem:
-    """Explain a server that does not answer the AMQP protocol header."""
+    """Explain a server that does not answer the AMQP protocol header as RabbitMQ does."""
     url = broker_url(settings)
     return _cannot_connect(
         settings,
-        f"{url.host}:{url.port} does not speak AMQP 0-9-1 "
-        "(RabbitMQ listens on 5672, and on 5671 with amqps)",
+        f"{url.host}:{url.port} does not answer as an AMQP 0-9-1 server: "
+        "is it RabbitMQ's AMQP port (5672, or 5671 with amqps)?",
     )
 
 
@@ -209,6 +209,9 @@ def _network(error: Exception, settings: WorkerSettings) -> Problem:
         reason = f"connection refused: nothing listens on {url.host}:{url.port}"
     elif code in _DNS_ERRORS:
         reason = f"host {url.host!r} not found (DNS): check the host name"
+    elif "unexpectedly closed" in describe_error(error):
+        # aiormq's words for a peer that hung up mid-handshake: an HTTP or a TLS port.
+        return _not_amqp(error, settings)
     else:
         reason = describe_error(error)
     return _cannot_connect(settings, reason)

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from yarl import URL
 
 from tests.integration.support import AMQP_URL, REPO, free_port
 from worker.broker import connect_plain, explained
 from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings
+from worker.simulator import ConnectSimulator
 from worker.topology import declare_topology, delete_topology, work_queue_name
 
 pytestmark = pytest.mark.integration
@@ -316,6 +318,21 @@ async def test_an_unreachable_broker_fails_one_shot_commands_and_run_keeps_tryin
     assert PASSWORD not in worker.text() and "Traceback" not in worker.text()
 
 
+async def test_a_port_of_another_service_is_named_as_not_amqp(
+    simulator: ConnectSimulator, base: str
+) -> None:
+    # Given the URL of an HTTP server's port (the Connect simulator's, as the management UI's)
+    port = URL(simulator.url).port
+
+    outcomes = await commands(
+        ["declare", "check"], url_with_password(PASSWORD, f"127.0.0.1:{port}"), base
+    )
+
+    line = f"127.0.0.1:{port} does not answer as an AMQP 0-9-1 server"
+    for name, outcome in outcomes.items():
+        assert_told(name, outcome, ExitCode.BROKER_UNAVAILABLE, line)
+
+
 # --- Topology conflicts ----------------------------------------------------------------------
 
 
@@ -377,6 +394,7 @@ import aio_pika
 from yarl import URL
 from worker.observability import configure_logging
 from worker.settings import WorkerSettings
+from worker.simulator import ConnectSimulator
 
 async def main(raw: str) -> None:
     WorkerSettings(amqp_url=raw)  # registers the password, as every command does
