@@ -1,96 +1,41 @@
 """`chat-worker check`: validate the settings, reach the broker, find the topology, show AWS.
 
 It prints the effective settings as `name = value` lines and one line per problem on stderr,
-then exits 0 when there is none, 1 when there are problems, 2 when the settings are invalid.
-The output never holds a secret: the AMQP password is masked in the URL and removed from
-broker error texts, and AWS credentials are shown by source and masked access key id only.
+then exits 0 when there is none, 1 when there are problems, 2 when the settings are invalid:
+a report of every problem found, where the other commands stop at the first with its own exit
+code. The output never holds a secret: URLs and broker errors pass through `worker.masking`,
+and AWS credentials are shown by source and masked access key id only.
 """
 
 import argparse
 import asyncio
-import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-import aio_pika
 from aio_pika.abc import AbstractConnection
-from aio_pika.exceptions import ChannelNotFoundEntity
 from pydantic import SecretStr, ValidationError
 
-from worker.settings import WorkerSettings, config_file_path
-from worker.topology import (
-    all_queue_names,
-    dead_letter_exchange_name,
-    input_exchange_name,
-    partition_exchange_name,
+from worker.broker import (
+    Found,
+    compare_exchange,
+    compare_queue,
+    connect_plain,
+    describe_error,
+    explained,
 )
+from worker.masking import mask
+from worker.problems import Problem
+from worker.settings import WorkerSettings, config_file_path
+from worker.topology import exchange_types, queue_arguments
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_BAD_SETTINGS = 2
-CONNECT_TIMEOUT_SECONDS = 5.0
 AWS_TIMEOUT_SECONDS = 10.0
 
 AddSettingsFlags = Callable[[argparse.ArgumentParser], None]
-
-
-class BrokerUnreachable(Exception):
-    """The broker could not be reached or refused us; the text holds no password."""
-
-
-def quiet_amqp_logs() -> None:
-    """Silence aiormq's own connection-error log lines; the commands report errors themselves."""
-    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
-
-
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """Replace every occurrence of each non-empty secret in a text with `***`."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def url_passwords(url: str) -> list[str]:
-    """Return the password of a URL as written and as decoded, for redaction."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return []
-    return [password, unquote(password)] if password else []
-
-
-def describe_error(error: BaseException) -> str:
-    """Return an exception's message, or its class name when it has none."""
-    texts = [str(arg) for arg in error.args if isinstance(arg, str) and arg]
-    return "; ".join(texts) or str(error) or type(error).__name__
-
-
-async def connect_plain(
-    settings: WorkerSettings, timeout_seconds: float = CONNECT_TIMEOUT_SECONDS
-) -> AbstractConnection:
-    """Open a plain connection, for counting and reading queues.
-
-    Not a robust one: on a robust channel a passive declare returns a cached DeclareOk, so
-    message counts would never change.
-    """
-    url = settings.amqp_url.get_secret_value()
-    try:
-        return await aio_pika.connect(url, timeout=timeout_seconds)
-    except TimeoutError as error:
-        reason = f"no answer within {timeout_seconds:g} s"
-        raise BrokerUnreachable(_unreachable(settings, reason)) from error
-    except (OSError, aio_pika.exceptions.AMQPError, ValueError) as error:
-        reason = redact(describe_error(error), url_passwords(url))
-        raise BrokerUnreachable(_unreachable(settings, reason)) from error
-
-
-def _unreachable(settings: WorkerSettings, reason: str) -> str:
-    """Phrase a failed connection with the masked URL."""
-    return f"cannot connect to the broker at {settings.masked_amqp_url()}: {reason}"
 
 
 def mask_access_key(key: str | None) -> str:
@@ -125,45 +70,44 @@ def settings_problems(error: Exception) -> list[str]:
     return [f"settings: {error}"]
 
 
-async def missing_topology(connection: AbstractConnection, base: str, partitions: int) -> list[str]:
-    """Return what producers, the partitions and dead-lettering need but the broker lacks."""
-    missing = []
-    exchanges = (input_exchange_name(base), partition_exchange_name(base))
-    for name in (*exchanges, dead_letter_exchange_name(base)):
-        if not await _exists(connection, name, exchange=True):
-            missing.append(f"exchange {name}")
-    for name in all_queue_names(base, partitions):
-        if not await _exists(connection, name, exchange=False):
-            missing.append(f"queue {name}")
-    return missing
+async def topology_problems(
+    connection: AbstractConnection, base: str, partitions: int
+) -> list[str]:
+    """Return what producers, the partitions and dead-lettering need but the broker lacks.
 
-
-async def _exists(connection: AbstractConnection, name: str, exchange: bool) -> bool:
-    """Declare an exchange or queue passively on its own channel, since a miss closes it."""
-    try:
-        async with connection.channel() as channel:
-            if exchange:
-                await channel.get_exchange(name, ensure=True)
-            else:
-                await channel.declare_queue(name, passive=True)
-    except ChannelNotFoundEntity:
-        return False
-    return True
+    An exchange or queue that exists with other arguments than ours is found too: `declare`,
+    `publish` and `run` would fail on it with PRECONDITION_FAILED.
+    """
+    found = [
+        ("exchange", name, await compare_exchange(connection, name, kind))
+        for name, kind in exchange_types(base).items()
+    ]
+    found += [
+        ("queue", name, await compare_queue(connection, name, arguments))
+        for name, arguments in queue_arguments(base, partitions).items()
+    ]
+    problems = []
+    for kind, name, (state, conflict) in found:
+        if state is Found.MISSING:
+            problems.append(f"missing {kind} {name}; run `chat-worker declare`")
+        elif state is Found.OTHER:
+            problems.append(conflict)
+    return problems
 
 
 async def check_broker(settings: WorkerSettings) -> list[str]:
-    """Connect, look for the topology, print what was found; return the problems."""
+    """Connect, compare the topology with ours, print what was found; return the problems."""
     try:
         connection = await connect_plain(settings)
-    except BrokerUnreachable as error:
-        return [str(error)]
-    async with connection:
-        print(f"broker = reachable at {settings.masked_amqp_url()}")
-        missing = await missing_topology(connection, settings.queue, settings.partitions)
-    if not missing:
+        async with connection:
+            print(f"broker = reachable at {settings.masked_amqp_url()}")
+            with explained(settings):
+                problems = await topology_problems(connection, settings.queue, settings.partitions)
+    except Problem as problem:
+        return [problem.line]
+    if not problems:
         print(f"topology = exchanges, partitions and dead-letter queues of {settings.queue!r}")
-        return []
-    return [f"missing {name}; run `chat-worker declare`" for name in missing]
+    return problems
 
 
 async def check_aws(settings: WorkerSettings) -> list[str]:
@@ -219,7 +163,6 @@ async def _connect_endpoint(settings: WorkerSettings) -> tuple[str | None, str |
 
 async def run_check(load: Callable[[], WorkerSettings], config_file: Path | None, aws: bool) -> int:
     """Run every check, print the report, and return the exit code."""
-    quiet_amqp_logs()
     try:
         settings = load()
     except (ValueError, OSError) as error:
@@ -237,7 +180,7 @@ async def run_check(load: Callable[[], WorkerSettings], config_file: Path | None
 def _report(problems: list[str]) -> None:
     """Print one line per problem on stderr, or that all is well on stdout."""
     for problem in problems:
-        print(f"chat-worker check: {problem}", file=sys.stderr)
+        print(f"chat-worker check: {mask(problem)}", file=sys.stderr)
     if not problems:
         print("check: ok")
 

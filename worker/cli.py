@@ -8,12 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import aio_pika
 from pydantic import ValidationError
 
 from worker import amqp_compat
+from worker.broker import connect_plain, explained
 from worker.check import add_check_parser
 from worker.dlq import add_dlq_parser
+from worker.masking import install_log_masking, mask
 from worker.observability import configure_logging
 from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings, load_settings
@@ -107,9 +108,10 @@ async def run_worker(settings: WorkerSettings) -> int:
 
 async def declare(settings: WorkerSettings) -> int:
     """Declare the whole topology so producers can start before any worker."""
-    connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
+    connection = await connect_plain(settings)
     async with connection:
-        await declare_topology(await connection.channel(), settings.queue, settings.partitions)
+        with explained(settings):
+            await declare_topology(await connection.channel(), settings.queue, settings.partitions)
     print(f"declared topology of {settings.queue!r} on {settings.masked_amqp_url()}")
     return 0
 
@@ -118,12 +120,11 @@ async def publish(settings: WorkerSettings, file: str) -> int:
     """Publish a file of JSON lines to the input exchange."""
     from worker.publisher import publish_file_lines
 
-    url = settings.amqp_url.get_secret_value()
     if file == "-":
-        count = await publish_file_lines(url, settings.queue, settings.partitions, sys.stdin.buffer)
+        count = await publish_file_lines(settings, sys.stdin.buffer)
     else:
         lines = (await asyncio.to_thread(Path(file).read_bytes)).splitlines()
-        count = await publish_file_lines(url, settings.queue, settings.partitions, lines)
+        count = await publish_file_lines(settings, lines)
     print(f"published {count} event(s) to exchange {settings.queue!r}")
     return 0
 
@@ -174,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `chat-worker` and `python -m worker`."""
     args = build_parser().parse_args(argv)
     amqp_compat.install()
+    install_log_masking()
     # A producer's bytes that are not UTF-8 (a message_id in `dlq show`, say) are printed
     # escaped rather than raising halfway through the output.
     for stream in (sys.stdout, sys.stderr):
@@ -182,10 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(dispatch(args))
     except Problem as problem:
-        print(f"chat-worker: {problem.line}", file=sys.stderr)
+        print(f"chat-worker: {mask(problem.line)}", file=sys.stderr)
         return int(problem.exit_code)
     except (ValidationError, ValueError, FileNotFoundError) as error:
-        print(f"chat-worker: {error}", file=sys.stderr)
+        print(f"chat-worker: {mask(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

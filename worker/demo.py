@@ -10,10 +10,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractChannel
 
+from worker.broker import connect_plain
 from worker.errors import ErrorVariant
 from worker.publisher import publish_bodies
 from worker.settings import WorkerSettings
@@ -159,7 +159,7 @@ async def run_demo(settings: WorkerSettings) -> int:
     log_path = Path(tempfile.gettempdir()) / "chat-worker-demo.log"
     # A plain connection: a robust channel answers a passive declare from its cache, so the
     # message counts the demo polls would never change.
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    connection = await connect_plain(settings)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await _reset_topology(channel, base, settings.partitions)

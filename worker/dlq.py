@@ -1,7 +1,6 @@
 """Inspect, redrive and purge the dead-letter queues: `chat-worker dlq list|show|redrive|purge`.
 
-Every subcommand uses a plain connection, not a robust one: on a robust channel a passive
-declare returns a cached DeclareOk, so message counts would never change.
+Every subcommand uses a plain connection (`worker.broker.connect_plain`, which says why).
 
 Reading (`list`, `show`) removes nothing: messages are fetched by basic.get without ack and
 handed back together by closing the channel, which returns them to their places in order.
@@ -19,8 +18,9 @@ the dead letters whose `x-failed-at` is older than the period and stops at the f
 one, since a queue holds its dead letters in failure order. It needs no `--yes`: run it from
 cron or a Kubernetes CronJob; finding nothing old is a success.
 
-Exit codes: 0 done, 1 nothing done or refused (no `--yes`, nothing to redrive, missing queue,
-broker unreachable or refusing), 2 usage error.
+Exit codes: 0 done, 1 nothing done or refused (no `--yes`, nothing to redrive, missing queue),
+2 usage error, and the broker's own codes (`worker.problems.ExitCode`) when it cannot be reached
+or refuses us.
 """
 
 import argparse
@@ -37,7 +37,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, HeadersType
 from aio_pika.exceptions import ChannelNotFoundEntity, DeliveryError
 
-from worker.check import BrokerUnreachable, connect_plain, quiet_amqp_logs
+from worker.broker import connect_plain
 from worker.dead_letter import copy_message, iso_utc
 from worker.errors import ErrorVariant
 from worker.observability import scrub
@@ -530,13 +530,11 @@ def add_dlq_parser(commands: Any, add_settings_flags: AddSettingsFlags) -> None:
 
 
 async def run_dlq(settings: WorkerSettings, args: argparse.Namespace) -> int:
-    """Run one `dlq` subcommand; report a missing queue or an unreachable broker in one line."""
-    quiet_amqp_logs()
-    try:
-        connection = await connect_plain(settings)
-    except BrokerUnreachable as error:
-        _complain(str(error))
-        return EXIT_NOTHING_DONE
+    """Run one `dlq` subcommand; report a missing queue in one line.
+
+    A broker that cannot be reached or refuses us raises its `Problem` (`worker.broker`).
+    """
+    connection = await connect_plain(settings)
     try:
         async with connection:
             return await _dispatch(connection, settings.queue, args)

@@ -2,7 +2,8 @@
 
 What identifies an event in the logs is its message_id, correlation_id and a prefix of its
 conversation key (itself a SHA-256, so the phone number cannot be read back). Bodies are never
-logged; error texts from Connect pass through `scrub` because they may echo input.
+logged; error texts from Connect pass through `scrub` because they may echo input. Secrets
+are masked in every line by `worker.masking`.
 """
 
 import logging
@@ -11,6 +12,8 @@ import sys
 from typing import Any
 
 import structlog
+
+from worker.masking import install_log_masking, mask_event
 
 _PHONE_LIKE = re.compile(r"\+?\d[\d\s().-]{5,}\d")
 
@@ -31,7 +34,9 @@ def configure_logging(level: str = "INFO", console: bool | None = None) -> None:
     On a terminal (or with `console=True`) lines are rendered for people instead. Libraries
     (aio-pika, aiormq, botocore, asyncio) log through the standard library: their records go
     through the same renderer, at WARNING and above, so stdout stays one JSON object per line.
+    Every line, ours and theirs, is masked (`worker.masking`): no password or AWS secret.
     """
+    install_log_masking()
     if console is None:
         console = sys.stdout.isatty()
     renderer: Any = (
@@ -46,6 +51,7 @@ def configure_logging(level: str = "INFO", console: bool | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             *shared,
             structlog.processors.format_exc_info,
+            mask_event,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
@@ -59,6 +65,7 @@ def configure_logging(level: str = "INFO", console: bool | None = None) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                mask_event,
                 renderer,
             ],
         )

@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 import aio_pika
 from aio_pika.abc import AbstractExchange
 
+from worker.broker import connect_plain, explained
 from worker.models import conversation_key
+from worker.settings import WorkerSettings
 from worker.topology import declare_topology
 
 UNKEYED = "unkeyed"
@@ -45,13 +47,12 @@ async def publish_bodies(exchange: AbstractExchange, bodies: Iterable[bytes]) ->
     return count
 
 
-async def publish_file_lines(
-    amqp_url: str, base: str, partitions: int, lines: Iterable[bytes]
-) -> int:
+async def publish_file_lines(settings: WorkerSettings, lines: Iterable[bytes]) -> int:
     """Declare the topology, then publish every non-blank line as one event."""
-    connection = await aio_pika.connect_robust(amqp_url)
+    connection = await connect_plain(settings)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        topology = await declare_topology(channel, base, partitions)
+        with explained(settings):
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            topology = await declare_topology(channel, settings.queue, settings.partitions)
         bodies = (line.rstrip(b"\r\n") for line in lines if line.strip())
         return await publish_bodies(topology.input_exchange, bodies)

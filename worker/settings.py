@@ -9,10 +9,9 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Self
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,8 +19,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from worker.masking import mask_url_password, remember_secrets
+
 DEFAULT_CONFIG_FILE = Path("config/worker.toml")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+# Read by botocore itself; the worker reads them only to keep them out of every line.
+AWS_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
 def _default_worker_id() -> str:
@@ -37,6 +40,7 @@ class WorkerSettings(BaseSettings):
     )
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    amqp_connect_timeout_seconds: float = Field(10.0, gt=0)
     queue: str = "chat-integration-events"
     prefetch: int = Field(64, ge=1, le=65535)
     partitions: int = Field(8, ge=1, le=64)
@@ -92,6 +96,16 @@ class WorkerSettings(BaseSettings):
             raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return level
 
+    @model_validator(mode="after")
+    def _remember_secrets(self) -> Self:
+        """Register this configuration's secrets with the masker, so no line can show them."""
+        redis_url = self.redis_url.get_secret_value() if self.redis_url else None
+        remember_secrets(
+            [self.amqp_url.get_secret_value(), redis_url],
+            [os.environ.get(name) for name in AWS_SECRET_VARIABLES],
+        )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -112,16 +126,6 @@ class WorkerSettings(BaseSettings):
     def masked_amqp_url(self) -> str:
         """Return the broker URL with its password replaced, fit for logs and `check`."""
         return mask_url_password(self.amqp_url.get_secret_value())
-
-
-def mask_url_password(url: str) -> str:
-    """Replace the password of a URL with `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def config_file_path(explicit: Path | None = None) -> Path | None:

@@ -70,6 +70,21 @@ def all_queue_names(base: str, partitions: int) -> list[str]:
     return work_queue_names(base, partitions) + dead_letter_queue_names(base)
 
 
+def exchange_types(base: str, partition_exchange_type: str = CONSISTENT_HASH) -> dict[str, str]:
+    """Return every exchange of the topology with its type (all durable)."""
+    return {
+        input_exchange_name(base): aio_pika.ExchangeType.FANOUT.value,
+        partition_exchange_name(base): partition_exchange_type,
+        dead_letter_exchange_name(base): aio_pika.ExchangeType.DIRECT.value,
+    }
+
+
+def queue_arguments(base: str, partitions: int) -> dict[str, FieldTable]:
+    """Return every queue of the topology with its arguments (all durable), work queues first."""
+    work = {name: PARTITION for name in work_queue_names(base, partitions)}
+    return work | {name: QUORUM for name in dead_letter_queue_names(base)}
+
+
 @dataclass(frozen=True)
 class Topology:
     """The declared objects the worker uses."""
@@ -79,40 +94,55 @@ class Topology:
 
 
 class PluginMissingError(RuntimeError):
-    """The broker lacks the consistent-hash exchange plugin."""
+    """The broker lacks the exchange type of the partitions (its plugin is not enabled)."""
 
 
-async def declare_topology(channel: AbstractChannel, base: str, partitions: int) -> Topology:
-    """Declare every exchange, queue and binding; safe to repeat, by any number of replicas."""
-    inbound = await channel.declare_exchange(
-        input_exchange_name(base), aio_pika.ExchangeType.FANOUT, durable=True
-    )
-    spread = await _declare_partition_exchange(channel, base)
+async def declare_topology(
+    channel: AbstractChannel,
+    base: str,
+    partitions: int,
+    *,
+    partition_exchange_type: str = CONSISTENT_HASH,
+) -> Topology:
+    """Declare every exchange, queue and binding; safe to repeat, by any number of replicas.
+
+    `partition_exchange_type` exists for tests, which imitate a broker without the plugin.
+    """
+    types = exchange_types(base, partition_exchange_type)
+    inbound_name, dead_letters_name = input_exchange_name(base), dead_letter_exchange_name(base)
+    inbound = await channel.declare_exchange(inbound_name, types[inbound_name], durable=True)
+    spread = await _declare_partition_exchange(channel, base, partition_exchange_type)
     await spread.bind(inbound, routing_key="")
+    queues = queue_arguments(base, partitions)
     for name in work_queue_names(base, partitions):
-        queue = await channel.declare_queue(name, durable=True, arguments=PARTITION)
+        queue = await channel.declare_queue(name, durable=True, arguments=queues[name])
         await queue.bind(spread, routing_key="1")  # the weight of the partition
     dead_letters = await channel.declare_exchange(
-        dead_letter_exchange_name(base), aio_pika.ExchangeType.DIRECT, durable=True
+        dead_letters_name, types[dead_letters_name], durable=True
     )
     for variant in ErrorVariant:
-        queue = await channel.declare_queue(
-            dead_letter_queue_name(base, variant), durable=True, arguments=QUORUM
-        )
+        name = dead_letter_queue_name(base, variant)
+        queue = await channel.declare_queue(name, durable=True, arguments=queues[name])
         await queue.bind(dead_letters, routing_key=variant.value)
     return Topology(inbound, dead_letters)
 
 
-async def _declare_partition_exchange(channel: AbstractChannel, base: str) -> AbstractExchange:
-    """Declare the consistent-hash exchange, explaining the fix when the plugin is off."""
+async def _declare_partition_exchange(
+    channel: AbstractChannel, base: str, exchange_type: str
+) -> AbstractExchange:
+    """Declare the consistent-hash exchange, naming the plugin when the broker lacks the type."""
     try:
         return await channel.declare_exchange(
-            partition_exchange_name(base), CONSISTENT_HASH, durable=True
+            partition_exchange_name(base), exchange_type, durable=True
         )
-    except aio_pika.exceptions.AMQPError as error:
-        if "x-consistent-hash" in str(error) or "exchange type" in str(error):
-            raise PluginMissingError(f"{error}; enable the plugin: {PLUGIN_HINT}") from error
-        raise
+    except aio_pika.exceptions.ConnectionClosed as error:
+        # RabbitMQ closes the whole connection: 503 "unknown exchange type '…'".
+        if "exchange type" not in str(error):
+            raise
+        raise PluginMissingError(
+            f"the broker has no exchange type {exchange_type!r}: enable its plugin with "
+            f"`{PLUGIN_HINT}` on every node"
+        ) from error
 
 
 async def delete_topology(channel: AbstractChannel, base: str, partitions: int) -> None:

@@ -6,8 +6,9 @@ import gc
 import math
 import random
 import time
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -18,6 +19,7 @@ from aio_pika.abc import (
 )
 
 from worker.breaker import Breaker
+from worker.broker import broker_url, connect_robust, explained
 from worker.connect_client import ConnectClient
 from worker.consumer import MessageHandler
 from worker.dedupe import DeliveredLedger, MemoryLedger, RedisLedger
@@ -26,6 +28,7 @@ from worker.http_server import HealthServer
 from worker.metrics import Metrics, api_outcome
 from worker.observability import get_logger
 from worker.policy import RetryPolicy
+from worker.problems import ExitCode, Problem
 from worker.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 from worker.settings import WorkerSettings
 from worker.settlement import Settler
@@ -35,6 +38,22 @@ CONNECT_RETRY_SECONDS = 3.0
 STANDBY_DELAY_SECONDS = 2.0
 WATCH_SECONDS = 2.0
 SPREAD_PAUSE_SECONDS = (0.1, 0.3)
+
+T = TypeVar("T")
+
+
+async def until_set(event: asyncio.Event, attempt: Awaitable[T]) -> T | None:
+    """Await an attempt unless the event is set first: then cancel it and return None."""
+    task = asyncio.ensure_future(attempt)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # let the attempt close what it opened
+    return None if task.cancelled() else task.result()
 
 
 def make_ledger(settings: WorkerSettings) -> DeliveredLedger | None:
@@ -151,21 +170,30 @@ class Worker:
         )
 
     async def _connect(self) -> AbstractRobustConnection | None:
-        """Connect to the broker, retrying until it answers or a stop is requested."""
-        url = self.settings.amqp_url.get_secret_value()
+        """Connect to the broker, retrying while it cannot be reached; None once stopped.
+
+        The broker may come up later, so an unreachable one (refused, unknown host, no answer)
+        is tried again, with the reason logged each time. A malformed URL, a refused login or
+        virtual host are settings to fix: they end the run with their line (a `Problem`). A
+        stop request ends an attempt at once, since an attempt can last the connect timeout.
+        """
+        broker_url(self.settings)
         while not self.stopping:
+            attempt = connect_robust(self.settings, name=self.settings.worker_id)
             try:
-                return await aio_pika.connect_robust(
-                    url, client_properties={"connection_name": self.settings.worker_id}
-                )
-            except (OSError, aio_pika.exceptions.AMQPError) as error:
+                connection = await until_set(self._stop, attempt)
+            except Problem as problem:
+                if problem.exit_code is not ExitCode.BROKER_UNAVAILABLE:
+                    raise
                 self.log.warning(
                     "broker.unreachable",
-                    url=self.settings.masked_amqp_url(),
-                    error=type(error).__name__,
+                    reason=problem.line,
+                    retry_in_seconds=CONNECT_RETRY_SECONDS,
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), CONNECT_RETRY_SECONDS)
+            else:
+                return connection
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), CONNECT_RETRY_SECONDS)
         return None
 
     async def _make_handler(
@@ -173,8 +201,11 @@ class Worker:
     ) -> MessageHandler:
         """Declare the topology on the publishing channel and wire the pipeline."""
         # Dead letters get their own channel: a failed publish must not close the consumer's.
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        topology = await declare_topology(channel, self.settings.queue, self.settings.partitions)
+        with explained(self.settings):
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            topology = await declare_topology(
+                channel, self.settings.queue, self.settings.partitions
+            )
         settler = Settler(
             topology.dead_letter_exchange, self.settings.dead_letter_retry_delay_seconds, self.log
         )

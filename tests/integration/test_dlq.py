@@ -18,6 +18,7 @@ from tests.integration.support import AMQP_URL, REPO
 from worker.dead_letter import FailureContext, build_dead_letter, iso_utc
 from worker.errors import ErrorVariant, EventFailure
 from worker.models import conversation_key
+from worker.problems import ExitCode
 from worker.topology import (
     dead_letter_exchange_name,
     dead_letter_queue_name,
@@ -382,7 +383,7 @@ async def test_redrive_refused_by_the_broker_keeps_the_dead_letter() -> None:
             await channel.exchange_delete(base)
 
 
-async def test_unreachable_broker_exits_1_without_the_password() -> None:
+async def test_unreachable_broker_exits_69_without_the_password() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -397,6 +398,6 @@ async def test_unreachable_broker_exits_1_without_the_password() -> None:
     )
     output = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
 
-    assert process.returncode == 1
+    assert process.returncode == ExitCode.BROKER_UNAVAILABLE
     assert "cannot connect to the broker at amqp://guest:***@127.0.0.1:1/" in output
     assert "S3cretPw" not in output

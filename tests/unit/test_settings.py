@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from worker.settings import WorkerSettings, load_settings, mask_url_password
+from worker.settings import WorkerSettings, load_settings
 
 SECRET_URL = "amqps://worker:s3cr3t-pw@broker.example:5671/prod"
 
@@ -258,19 +258,3 @@ def test_repr_and_str_never_contain_the_password(monkeypatch: pytest.MonkeyPatch
     assert "s3cr3t-pw" not in repr(settings)
     assert "s3cr3t-pw" not in str(settings)
     assert "s3cr3t-pw" not in settings.model_dump_json()
-
-
-@pytest.mark.parametrize(
-    ("url", "masked"),
-    [
-        ("amqp://guest:guest@localhost:5672/", "amqp://guest:***@localhost:5672/"),
-        ("amqps://u:p%40ss@host/vhost?heartbeat=30", "amqps://u:***@host/vhost?heartbeat=30"),
-        ("amqp://u:p@ss@host/", "amqp://u:***@host/"),
-        ("amqp://:only-password@host/", "amqp://:***@host/"),
-        ("amqp://user@host/", "amqp://user@host/"),
-        ("amqp://host:5672/", "amqp://host:5672/"),
-    ],
-    ids=["default", "escaped-at", "raw-at", "no-user", "user-only", "no-userinfo"],
-)
-def test_mask_url_password(url: str, masked: str) -> None:
-    assert mask_url_password(url) == masked
