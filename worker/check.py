@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import ChannelNotFoundEntity
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from worker.settings import WorkerSettings, config_file_path
 from worker.topology import (
@@ -30,7 +30,6 @@ from worker.topology import (
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
-EXIT_BAD_SETTINGS = 2
 CONNECT_TIMEOUT_SECONDS = 5.0
 AWS_TIMEOUT_SECONDS = 10.0
 
@@ -113,16 +112,6 @@ def settings_lines(settings: WorkerSettings) -> list[str]:
             value = "(not set)"
         lines.append(f"{name} = {value}")
     return lines
-
-
-def settings_problems(error: Exception) -> list[str]:
-    """Return one line per invalid setting, without the values given (they may be secret)."""
-    if isinstance(error, ValidationError):
-        return [
-            f"setting {'.'.join(str(part) for part in detail['loc'])}: {detail['msg']}"
-            for detail in error.errors(include_input=False, include_url=False)
-        ]
-    return [f"settings: {error}"]
 
 
 async def missing_topology(connection: AbstractConnection, base: str, partitions: int) -> list[str]:
@@ -220,11 +209,8 @@ async def _connect_endpoint(settings: WorkerSettings) -> tuple[str | None, str |
 async def run_check(load: Callable[[], WorkerSettings], config_file: Path | None, aws: bool) -> int:
     """Run every check, print the report, and return the exit code."""
     quiet_amqp_logs()
-    try:
-        settings = load()
-    except (ValueError, OSError) as error:
-        _report(settings_problems(error))
-        return EXIT_BAD_SETTINGS
+    # Invalid settings raise a Problem: one line per setting, exit 2, as for every command.
+    settings = load()
     print(f"config_file = {config_file_path(config_file) or '(none)'}")
     print("\n".join(settings_lines(settings)))
     problems = await check_broker(settings)

@@ -176,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(dispatch(args))
     except Problem as problem:
-        print(f"chat-worker: {problem.line}", file=sys.stderr)
+        for line in problem.line.splitlines():
+            print(f"chat-worker: {line}", file=sys.stderr)
         return int(problem.exit_code)
     except (ValidationError, ValueError, FileNotFoundError) as error:
         print(f"chat-worker: {error}", file=sys.stderr)
