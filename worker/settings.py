@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_settings import (
@@ -33,6 +34,8 @@ from worker.problems import ExitCode, Problem
 
 DEFAULT_CONFIG_FILE = Path("config/worker.toml")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+SHUTDOWN_CLOSE_SECONDS = 2.0
+"""Of the shutdown bound, the part kept for closing the connections and exiting."""
 
 
 def _default_worker_id() -> str:
@@ -72,6 +75,8 @@ class WorkerSettings(BaseSettings):
     backoff_base_seconds: float = Field(0.2, gt=0)
     backoff_max_seconds: float = Field(20.0, gt=0)
     dead_letter_retry_delay_seconds: float = Field(1.0, ge=0)
+    # Declared before the grace period, which is checked against it.
+    shutdown_timeout_seconds: float = Field(25.0, gt=SHUTDOWN_CLOSE_SECONDS)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
 
     rate_initial: float = Field(20.0, gt=0)
@@ -92,6 +97,18 @@ class WorkerSettings(BaseSettings):
         """Keep every derived name (`<queue>.dlq.<Variant>`) within AMQP's 255-byte limit."""
         if not _QUEUE_NAME.match(value):
             raise ValueError("must be 1-200 characters of letters, digits, '.', '_', ':', '-'")
+        return value
+
+    @field_validator("shutdown_grace_seconds")
+    @classmethod
+    def _grace_fits_the_bound(cls, value: float, info: ValidationInfo) -> float:
+        """Keep the grace period inside the shutdown bound, with time left to close."""
+        bound = info.data.get("shutdown_timeout_seconds")
+        if bound is not None and value > bound - SHUTDOWN_CLOSE_SECONDS:
+            raise ValueError(
+                f"must be at most {bound - SHUTDOWN_CLOSE_SECONDS:g}: shutdown_timeout_seconds "
+                f"({bound:g}) less {SHUTDOWN_CLOSE_SECONDS:g} s kept for closing"
+            )
         return value
 
     @field_validator("log_level")

@@ -369,3 +369,43 @@ def test_an_invalid_secret_is_not_repeated(monkeypatch: pytest.MonkeyPatch) -> N
 
     assert "s3cr3t" not in raised.value.line
     assert raised.value.line.startswith("setting prefetch: ")
+
+
+# --- the shutdown bound ----------------------------------------------------------------------
+
+
+def test_the_default_shutdown_fits_a_30_second_orchestrator_grace_with_margin() -> None:
+    settings = WorkerSettings()
+
+    assert settings.shutdown_timeout_seconds <= 25.0
+    assert settings.shutdown_grace_seconds <= settings.shutdown_timeout_seconds - 2.0
+
+
+def test_a_grace_period_that_leaves_no_time_to_close_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKER_SHUTDOWN_GRACE_SECONDS", "24")
+
+    with pytest.raises(Problem) as raised:
+        load_settings()
+
+    assert raised.value.line == (
+        "setting shutdown_grace_seconds: must be at most 23: shutdown_timeout_seconds (25) "
+        "less 2 s kept for closing (from WORKER_SHUTDOWN_GRACE_SECONDS)"
+    )
+
+
+def test_a_longer_bound_allows_a_longer_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_SHUTDOWN_TIMEOUT_SECONDS", "90")
+    monkeypatch.setenv("WORKER_SHUTDOWN_GRACE_SECONDS", "80")
+
+    assert load_settings().shutdown_grace_seconds == 80
+
+
+def test_a_shorter_bound_refuses_the_default_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_SHUTDOWN_TIMEOUT_SECONDS", "10")
+
+    with pytest.raises(
+        Problem, match=r"shutdown_grace_seconds: must be at most 8: .*\(the default\)"
+    ):
+        load_settings()
