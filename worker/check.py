@@ -159,13 +159,15 @@ async def check_aws(settings: WorkerSettings) -> list[str]:
     """Resolve AWS region, credentials and endpoint as the worker would; return the problems."""
     from aiobotocore.session import get_session
 
+    from worker.connect_client import NO_REGION, connect_region
+
     session = get_session()
     problems = []
-    region = settings.aws_region or session.get_config_variable("region")
+    region = connect_region(settings)
     if region:
         print(f"aws region = {region}")
     else:
-        problems.append("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION")
+        problems.append(NO_REGION)
     found, problem = await _aws_credentials(session)
     if found:
         print(f"aws credentials = {found}")

@@ -16,6 +16,14 @@ from worker.errors import translate_error
 from worker.models import ChatIntegrationEvent
 from worker.settings import WorkerSettings
 
+NO_REGION = "no AWS region: set AWS_REGION or AWS_DEFAULT_REGION"
+
+
+def connect_region(settings: WorkerSettings) -> str | None:
+    """Return the Region the Connect client will call: the settings', else botocore's profile."""
+    region = settings.aws_region or get_session().get_config_variable("region")
+    return str(region) if region else None
+
 
 @cache
 def user_agent() -> str:

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import gc
 import math
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ from aio_pika.abc import (
 )
 
 from worker.breaker import Breaker
-from worker.connect_client import ConnectClient
+from worker.connect_client import NO_REGION, ConnectClient, connect_region
 from worker.consumer import MessageHandler
 from worker.dedupe import DeliveredLedger, MemoryLedger, RedisLedger
 from worker.guard import CallGuard, CallObserver
@@ -27,6 +28,7 @@ from worker.http_server import HealthServer
 from worker.metrics import Metrics, api_outcome
 from worker.observability import get_logger
 from worker.policy import RetryPolicy
+from worker.problems import ExitCode, Problem
 from worker.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 from worker.settings import SHUTDOWN_CLOSE_SECONDS, WorkerSettings
 from worker.settlement import Settler
@@ -105,9 +107,11 @@ class Worker:
 
     async def run(self) -> None:
         """Run until `request_stop`; everything is closed on the way out, in reverse order."""
+        if connect_region(self.settings) is None:
+            raise Problem(NO_REGION, ExitCode.USAGE)
         async with AsyncExitStack() as stack:
             server = HealthServer(self.metrics, self.readiness, port=self.settings.http_port)
-            await server.start()
+            await self._listen(server)
             stack.push_async_callback(self._close_within_bound, server.stop)
             connection = await self._connect()
             if connection is None:
@@ -130,6 +134,18 @@ class Worker:
             watcher.cancel()
             await self._drain()
         self.log.info("worker.stopped")
+
+    async def _listen(self, server: HealthServer) -> None:
+        """Start the health server; a port already taken is said in one line."""
+        try:
+            await server.start()
+        except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise Problem(
+                f"cannot listen on port {self.settings.http_port} for health and metrics "
+                f"({reason}): set WORKER_HTTP_PORT to a free port",
+                ExitCode.OS_ERROR,
+            ) from None
 
     async def _close_within_bound(self, close: Callable[[], Awaitable[Any]]) -> None:
         """Close something, giving up when the shutdown bound is about to end."""
