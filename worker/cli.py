@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", help="publish JSON lines from FILE ('-' = stdin)")
     _add_settings_flags(publish)
     publish.add_argument("file", help="file of one JSON event per line")
+    publish.add_argument(
+        "--allow-malformed",
+        dest="allow_malformed",
+        action="store_true",
+        help="publish lines that are not valid events too (the worker dead-letters them as "
+        "MalformedEvent); without it a bad line stops the command before anything is sent",
+    )
     simulate = commands.add_parser("simulate", help="run the local Connect simulator")
     _add_simulator_flags(simulate)
     demo = commands.add_parser("demo", help="simulator + sample traffic + worker, then a report")
@@ -113,16 +120,17 @@ async def declare(settings: WorkerSettings) -> int:
     return 0
 
 
-async def publish(settings: WorkerSettings, file: str) -> int:
-    """Publish a file of JSON lines to the input exchange."""
-    from worker.publisher import publish_file_lines
+async def publish(settings: WorkerSettings, file: str, allow_malformed: bool) -> int:
+    """Publish a file of JSON lines to the input exchange, once every line is checked."""
+    from worker.publisher import event_bodies, publish_file_lines, read_input
 
+    lines = (await asyncio.to_thread(read_input, file)).splitlines()
+    source = "standard input" if file == "-" else file
+    bodies = event_bodies(
+        lines, settings.max_body_bytes, allow_malformed=allow_malformed, source=source
+    )
     url = settings.amqp_url.get_secret_value()
-    if file == "-":
-        count = await publish_file_lines(url, settings.queue, settings.partitions, sys.stdin.buffer)
-    else:
-        lines = (await asyncio.to_thread(Path(file).read_bytes)).splitlines()
-        count = await publish_file_lines(url, settings.queue, settings.partitions, lines)
+    count = await publish_file_lines(url, settings.queue, settings.partitions, bodies)
     print(f"published {count} event(s) to exchange {settings.queue!r}")
     return 0
 
@@ -159,7 +167,7 @@ async def dispatch(args: argparse.Namespace) -> int:
     if args.command == "declare":
         return await declare(settings)
     if args.command == "publish":
-        return await publish(settings, args.file)
+        return await publish(settings, args.file, args.allow_malformed)
     if args.command == "dlq":
         from worker.dlq import run_dlq
 
