@@ -9,15 +9,17 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
+from pamqp.commands import Basic
 
 from worker.breaker import Breaker
 from worker.connect_client import NO_REGION, ConnectClient, connect_region
@@ -67,6 +69,8 @@ class Worker:
         self._channel: AbstractChannel | None = None
         self._lock_channel: AbstractChannel | None = None
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
+        self._cancelled_by_broker: set[str] = set()
+        self._topology_channel: AbstractChannel | None = None
         self._handler: MessageHandler | None = None
         self.guard = self._make_guard()
         self._ledger = make_ledger(settings)
@@ -99,6 +103,9 @@ class Worker:
             return False, "not connected to the broker"
         if not self._consumers or self._channel is None or self._channel.is_closed:
             return False, "not consuming"
+        if self._cancelled_by_broker:
+            queues = ", ".join(sorted(self._cancelled_by_broker))
+            return False, f"not consuming {queues}: the broker cancelled it (queue deleted?)"
         if not self.guard.account.closed:
             return False, "Connect refuses this account (AccessDenied/credentials): paused"
         if not self.guard.outage.closed:
@@ -214,6 +221,7 @@ class Worker:
         # Dead letters get their own channel: a failed publish must not close the consumer's.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         topology = await declare_topology(channel, self.settings.queue, self.settings.partitions)
+        self._topology_channel = channel
         settler = Settler(
             topology.dead_letter_exchange, self.settings.dead_letter_retry_delay_seconds, self.log
         )
@@ -299,6 +307,39 @@ class Worker:
             await self._on_message(message, name)
 
         self._consumers[name] = (queue, await queue.consume(on_message))
+        await self._hear_broker_cancels(channel)
+
+    async def _hear_broker_cancels(self, channel: AbstractChannel) -> None:
+        """Have the broker's consumer cancellations reported (again, after a reconnect)."""
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        """Note a partition whose consumer the broker cancelled: its queue was deleted."""
+        for name, (_, tag) in self._consumers.items():
+            if tag == frame.consumer_tag:
+                self._cancelled_by_broker.add(name)
+                self.log.warning("worker.consumer_cancelled_by_broker", partition_queue=name)
+
+    async def _restore_cancelled(self) -> None:
+        """Declare the topology again after consumers were cancelled; note those restored.
+
+        aio-pika declares a deleted queue again by itself and consumes from it anew, but
+        unbound, so that nothing would reach it: declaring the whole topology (idempotent,
+        as at start-up) binds it again. Readiness returns once every consumer is back.
+        """
+        if not self._cancelled_by_broker or self._channel is None:
+            return
+        if self._topology_channel is not None:
+            await declare_topology(
+                self._topology_channel, self.settings.queue, self.settings.partitions
+            )
+        # The abstract channel does not declare `consumers`; aio-pika reads it the same way.
+        underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        for name in sorted(self._cancelled_by_broker):
+            if self._consumers[name][1] in underlay.consumers:
+                self._cancelled_by_broker.discard(name)
+                self.log.info("worker.consumer_restored", partition_queue=name)
 
     @staticmethod
     async def _consumer_count(channel: AbstractChannel, name: str) -> int:
@@ -328,6 +369,9 @@ class Worker:
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             try:
+                if self._channel is not None and not self._channel.is_closed:
+                    await self._hear_broker_cancels(self._channel)
+                await self._restore_cancelled()
                 await self._refresh_gauges(stats)
                 if self._oldest_hold() > self.settings.max_hold_seconds:
                     await self._hand_back_everything(connection)
@@ -369,6 +413,7 @@ class Worker:
         if self._channel is not None:
             await self._channel.close()
         self._consumers.clear()
+        self._cancelled_by_broker.clear()
         await self._consume(connection)
 
     async def _cancel_in_flight(self) -> int:
