@@ -13,6 +13,7 @@ from worker.dlq import (
     parse_duration,
     redrive_routing_key,
     redriven_headers,
+    terminal_safe,
 )
 from worker.models import conversation_key
 
@@ -132,3 +133,18 @@ def test_redact_removes_the_url_password_raw_and_decoded() -> None:
     url = "amqp://guest:p%40ss@host:5672/"
     text = redact("login p%40ss failed, p@ss refused", url_passwords(url))
     assert "p%40ss" not in text and "p@ss" not in text
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+        ("\x1b]0;title\x07", "\\x1b]0;title\\x07"),
+        ("\x9b2J", "\\x9b2J"),
+        ("two\nlines\r\tand\x00", "two\\nlines\\r\\tand\\x00"),
+        ("abc\u202etxt.exe", "abc\\u202etxt.exe"),
+        ("plain é 日本 +1555", "plain é 日本 +1555"),
+    ],
+)
+def test_terminal_safe_escapes_controls_and_keeps_printable_text(text: str, shown: str) -> None:
+    assert terminal_safe(text) == shown
