@@ -22,8 +22,10 @@ DEFAULT_PARTITIONS = WorkerSettings.model_fields["partitions"].default
 pytestmark = pytest.mark.integration
 
 
-async def run_command(*args: str, stdin: bytes | None = None) -> tuple[int, str]:
-    """Run `python -m worker ARGS`; return its exit code and output."""
+async def run_command(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run `python -m worker ARGS` (in `env`, else this environment); return exit code, output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -33,6 +35,7 @@ async def run_command(*args: str, stdin: bytes | None = None) -> tuple[int, str]
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=REPO,
+        env=env,
     )
     output, _ = await asyncio.wait_for(process.communicate(stdin), 120)
     assert process.returncode is not None
