@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aio_pika.abc import AbstractConnection
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from worker.broker import (
     Found,
@@ -32,7 +32,6 @@ from worker.topology import exchange_types, queue_arguments
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
-EXIT_BAD_SETTINGS = 2
 AWS_TIMEOUT_SECONDS = 10.0
 
 AddSettingsFlags = Callable[[argparse.ArgumentParser], None]
@@ -58,16 +57,6 @@ def settings_lines(settings: WorkerSettings) -> list[str]:
             value = "(not set)"
         lines.append(f"{name} = {value}")
     return lines
-
-
-def settings_problems(error: Exception) -> list[str]:
-    """Return one line per invalid setting, without the values given (they may be secret)."""
-    if isinstance(error, ValidationError):
-        return [
-            f"setting {'.'.join(str(part) for part in detail['loc'])}: {detail['msg']}"
-            for detail in error.errors(include_input=False, include_url=False)
-        ]
-    return [f"settings: {error}"]
 
 
 async def topology_problems(
@@ -114,13 +103,15 @@ async def check_aws(settings: WorkerSettings) -> list[str]:
     """Resolve AWS region, credentials and endpoint as the worker would; return the problems."""
     from aiobotocore.session import get_session
 
+    from worker.connect_client import NO_REGION, connect_region
+
     session = get_session()
     problems = []
-    region = settings.aws_region or session.get_config_variable("region")
+    region = connect_region(settings)
     if region:
         print(f"aws region = {region}")
     else:
-        problems.append("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION")
+        problems.append(NO_REGION)
     found, problem = await _aws_credentials(session)
     if found:
         print(f"aws credentials = {found}")
@@ -163,11 +154,8 @@ async def _connect_endpoint(settings: WorkerSettings) -> tuple[str | None, str |
 
 async def run_check(load: Callable[[], WorkerSettings], config_file: Path | None, aws: bool) -> int:
     """Run every check, print the report, and return the exit code."""
-    try:
-        settings = load()
-    except (ValueError, OSError) as error:
-        _report(settings_problems(error))
-        return EXIT_BAD_SETTINGS
+    # Invalid settings raise a Problem: one line per setting, exit 2, as for every command.
+    settings = load()
     print(f"config_file = {config_file_path(config_file) or '(none)'}")
     print("\n".join(settings_lines(settings)))
     problems = await check_broker(settings)

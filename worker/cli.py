@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from worker import amqp_compat
+from worker import __version__, amqp_compat
 from worker.broker import connect_plain, explained
 from worker.check import add_check_parser
 from worker.dlq import add_dlq_parser
@@ -18,6 +18,7 @@ from worker.masking import install_log_masking, mask
 from worker.observability import configure_logging
 from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings, load_settings
+from worker.simulator import CONTROL_API_HELP
 from worker.topology import declare_topology
 
 EXIT_USAGE = ExitCode.USAGE
@@ -36,13 +37,28 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Describe every command and its flags."""
     parser = argparse.ArgumentParser(prog="chat-worker", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_settings_flags(commands.add_parser("run", help="consume and send events to Connect"))
     _add_settings_flags(commands.add_parser("declare", help="declare exchanges and queues"))
     publish = commands.add_parser("publish", help="publish JSON lines from FILE ('-' = stdin)")
     _add_settings_flags(publish)
     publish.add_argument("file", help="file of one JSON event per line")
-    simulate = commands.add_parser("simulate", help="run the local Connect simulator")
+    publish.add_argument(
+        "--allow-malformed",
+        dest="allow_malformed",
+        action="store_true",
+        help="publish lines that are not valid events too (the worker dead-letters them as "
+        "MalformedEvent); without it a bad line stops the command before anything is sent",
+    )
+    simulate = commands.add_parser(
+        "simulate",
+        help="run the local Connect simulator",
+        description="Serve Amazon Connect's SendChatIntegrationEvent over HTTP, with a quota, "
+        "latency and injected errors, for the worker to call unchanged.",
+        epilog=CONTROL_API_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_simulator_flags(simulate)
     demo = commands.add_parser("demo", help="simulator + sample traffic + worker, then a report")
     _add_settings_flags(demo)
@@ -53,21 +69,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_simulator_flags(parser: argparse.ArgumentParser) -> None:
     """Add the simulator's flags."""
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=4566)
-    parser.add_argument("--rate", type=float, default=None, help="quota, requests/second")
-    parser.add_argument("--burst", type=int, default=10, help="token bucket capacity")
-    parser.add_argument("--latency-ms", dest="latency_ms", type=float, default=0.0)
-    parser.add_argument("--jitter-ms", dest="jitter_ms", type=float, default=0.0)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    parser.add_argument("--port", type=int, default=4566, help="port to listen on (%(default)s)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="quota in requests/second, answered with ThrottlingException (429) beyond it "
+        "(default: no quota)",
+    )
+    parser.add_argument(
+        "--burst", type=int, default=10, help="calls the quota lets through at once (%(default)s)"
+    )
+    parser.add_argument(
+        "--latency-ms",
+        dest="latency_ms",
+        type=float,
+        default=0.0,
+        help="time each answer takes, ms (%(default)s)",
+    )
+    parser.add_argument(
+        "--jitter-ms",
+        dest="jitter_ms",
+        type=float,
+        default=0.0,
+        help="random extra latency, 0 to this many ms (%(default)s)",
+    )
     parser.add_argument(
         "--error-rate",
         dest="error_rates",
         action="append",
         default=[],
         metavar="CODE=P",
-        help="answer CODE with probability P (repeatable)",
+        help="answer CODE with probability P, e.g. InternalServiceException=0.05 (repeatable; "
+        "the probabilities add up to at most 1)",
     )
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the random latency and errors"
+    )
 
 
 def _settings_from(args: argparse.Namespace) -> WorkerSettings:
@@ -116,15 +155,16 @@ async def declare(settings: WorkerSettings) -> int:
     return 0
 
 
-async def publish(settings: WorkerSettings, file: str) -> int:
-    """Publish a file of JSON lines to the input exchange."""
-    from worker.publisher import publish_file_lines
+async def publish(settings: WorkerSettings, file: str, allow_malformed: bool) -> int:
+    """Publish a file of JSON lines to the input exchange, once every line is checked."""
+    from worker.publisher import event_bodies, publish_file_lines, read_input
 
-    if file == "-":
-        count = await publish_file_lines(settings, sys.stdin.buffer)
-    else:
-        lines = (await asyncio.to_thread(Path(file).read_bytes)).splitlines()
-        count = await publish_file_lines(settings, lines)
+    lines = (await asyncio.to_thread(read_input, file)).splitlines()
+    source = "standard input" if file == "-" else file
+    bodies = event_bodies(
+        lines, settings.max_body_bytes, allow_malformed=allow_malformed, source=source
+    )
+    count = await publish_file_lines(settings, bodies)
     print(f"published {count} event(s) to exchange {settings.queue!r}")
     return 0
 
@@ -133,16 +173,24 @@ async def simulate(args: argparse.Namespace) -> int:
     """Run the Connect simulator until interrupted."""
     from worker.simulator import SimulatorConfig, parse_error_rates, serve
 
-    config = SimulatorConfig(
-        rate=args.rate,
-        burst=args.burst,
-        latency_ms=args.latency_ms,
-        latency_jitter_ms=args.jitter_ms,
-        error_rates=parse_error_rates(args.error_rates),
-        seed=args.seed,
-    )
+    try:
+        config = SimulatorConfig(
+            rate=args.rate,
+            burst=args.burst,
+            latency_ms=args.latency_ms,
+            latency_jitter_ms=args.jitter_ms,
+            error_rates=parse_error_rates(args.error_rates),
+            seed=args.seed,
+        )
+    except ValueError as error:
+        raise Problem(f"simulate: {error}", ExitCode.USAGE) from None
     print(f"Connect simulator on http://{args.host}:{args.port}", flush=True)
-    await serve(config, args.host, args.port)
+    try:
+        await serve(config, args.host, args.port)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        line = f"simulate: cannot listen on {args.host}:{args.port} ({reason}); choose --port"
+        raise Problem(line, ExitCode.OS_ERROR) from None
     return 0
 
 
@@ -161,7 +209,7 @@ async def dispatch(args: argparse.Namespace) -> int:
     if args.command == "declare":
         return await declare(settings)
     if args.command == "publish":
-        return await publish(settings, args.file)
+        return await publish(settings, args.file, args.allow_malformed)
     if args.command == "dlq":
         from worker.dlq import run_dlq
 
@@ -184,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(dispatch(args))
     except Problem as problem:
-        print(f"chat-worker: {mask(problem.line)}", file=sys.stderr)
+        for line in mask(problem.line).splitlines():
+            print(f"chat-worker: {line}", file=sys.stderr)
         return int(problem.exit_code)
     except (ValidationError, ValueError, FileNotFoundError) as error:
         print(f"chat-worker: {mask(str(error))}", file=sys.stderr)

@@ -3,7 +3,6 @@
 import platform
 from contextlib import AsyncExitStack
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import Any
 
@@ -12,9 +11,18 @@ import botocore
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
+from worker import __version__
 from worker.errors import translate_error
 from worker.models import ChatIntegrationEvent
 from worker.settings import WorkerSettings
+
+NO_REGION = "no AWS region: set AWS_REGION or AWS_DEFAULT_REGION"
+
+
+def connect_region(settings: WorkerSettings) -> str | None:
+    """Return the Region the Connect client will call: the settings', else botocore's profile."""
+    region = settings.aws_region or get_session().get_config_variable("region")
+    return str(region) if region else None
 
 
 @cache
@@ -25,12 +33,8 @@ def user_agent() -> str:
     component character by character: measured at about a tenth of the worker's CPU. A fixed
     string drops only the per-request feature codes (`m/...`) that AWS collects as telemetry.
     """
-    try:
-        own = version("connect-chat-worker")
-    except PackageNotFoundError:
-        own = "unknown"
     return (
-        f"connect-chat-worker/{own} aiobotocore/{aiobotocore.__version__} "
+        f"connect-chat-worker/{__version__} aiobotocore/{aiobotocore.__version__} "
         f"botocore/{botocore.__version__} "
         f"Python/{platform.python_version()} {platform.system()}/{platform.release()}"
     )

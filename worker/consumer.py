@@ -1,7 +1,7 @@
 """One message's life: decode -> validate -> wait for its turn -> send (with retries) -> settle."""
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -123,7 +123,7 @@ class MessageHandler:
         turn = self._lines.enter(conversation_key(event))
         outcome = Outcome.HANDED_BACK
         try:
-            if not await turn.wait():
+            if not await self._guard.hold(turn.wait):
                 # While the worker hands everything back, the channel's closing returns the
                 # held deliveries together, in order; one nack now would put this one behind
                 # its successors in the queue.
@@ -178,7 +178,7 @@ class MessageHandler:
                 raise
             wait = self._policy.first_wait()
             self._note_retry(failure, attempts, message, wait)
-            await asyncio.sleep(wait)
+            await self._guard.hold(lambda: asyncio.sleep(wait))
             await self._retry(event, attempts, message)
         self._log.debug("event.delivered", message_id=message.message_id, calls=attempts.calls)
 
@@ -194,7 +194,11 @@ class MessageHandler:
         def charged() -> tuple[int, float]:
             return attempts.charged, attempts.budget_seconds()
 
-        async for attempt in self._policy.retrying(charged, before_sleep=before_retry):
+        def backoff(seconds: float) -> Awaitable[None]:
+            return self._guard.hold(lambda: asyncio.sleep(seconds))
+
+        retrying = self._policy.retrying(charged, before_sleep=before_retry, sleep=backoff)
+        async for attempt in retrying:
             with attempt:
                 await self._guard.call(lambda: self._call(event, message), attempts)
 

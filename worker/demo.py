@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import tempfile
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,8 @@ from worker.errors import ErrorVariant
 from worker.publisher import publish_bodies
 from worker.settings import WorkerSettings
 from worker.simulator import ConnectSimulator, SimulatorConfig
-from worker.topology import all_queue_names, declare_topology, work_queue_names
+from worker.topology import declare_topology, delete_topology, work_queue_names
 
-DEMO_QUEUE = "chat-integration-events-demo"
 DRAIN_TIMEOUT_SECONDS = 90.0
 API_ERRORS = [
     "AccessDeniedException:403",
@@ -81,11 +81,9 @@ def demo_environment(settings: WorkerSettings, base: str, endpoint: str) -> dict
     return env
 
 
-async def _reset_topology(channel: AbstractChannel, base: str, partitions: int) -> None:
-    """Declare the demo's topology and empty its queues from any earlier run."""
-    await declare_topology(channel, base, partitions)
-    for name in all_queue_names(base, partitions):
-        await (await channel.get_queue(name)).purge()
+def demo_base_name(queue: str) -> str:
+    """Return a base name of this run's own, so that demos sharing a broker never meet."""
+    return f"{queue}-demo-{uuid.uuid4().hex[:8]}"
 
 
 async def _dead_letter_counts(channel: AbstractChannel, base: str) -> dict[str, int]:
@@ -152,17 +150,18 @@ def print_report(
 
 
 async def run_demo(settings: WorkerSettings) -> int:
-    """Run the whole demo; return 0 when every event was accounted for."""
-    base = DEMO_QUEUE if settings.queue == "chat-integration-events" else settings.queue
+    """Run the whole demo on a topology of its own, deleted at the end; 0: all accounted for."""
+    base = demo_base_name(settings.queue)
     sim = ConnectSimulator(SimulatorConfig(latency_ms=20, latency_jitter_ms=20, seed=1))
     await sim.start()
-    log_path = Path(tempfile.gettempdir()) / "chat-worker-demo.log"
+    log_path = Path(tempfile.gettempdir()) / f"chat-worker-{base}.log"
     # A plain connection: a robust channel answers a passive declare from its cache, so the
     # message counts the demo polls would never change.
     connection = await connect_plain(settings)
+    worker: asyncio.subprocess.Process | None = None
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await _reset_topology(channel, base, settings.partitions)
+        await declare_topology(channel, base, settings.partitions)
         await _throttle_one_conversation(sim.url)
         bodies = sample_traffic()
         exchange = await channel.get_exchange(base)
@@ -177,5 +176,9 @@ async def run_demo(settings: WorkerSettings) -> int:
         ok = code == 0 and len(sim.received) + sum(counts.values()) == published
         return 0 if ok and remaining == 0 else 1
     finally:
+        if worker is not None and worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+        await delete_topology(await connection.channel(), base, settings.partitions)
         await connection.close()
         await sim.stop()

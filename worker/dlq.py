@@ -88,6 +88,29 @@ def format_age(seconds: float) -> str:
     return f"{secs}s"
 
 
+# C0 and C1 controls (ESC and CSI start ANSI sequences), DEL, and the bidi controls that
+# reorder what a terminal shows.
+_UNSAFE_FOR_TERMINAL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def terminal_safe(text: str) -> str:
+    """Escape control characters so that a text prints as itself on a terminal.
+
+    Message ids, headers and bodies are the producers' text: printed raw, an escape sequence
+    in them could recolour, hide or rewrite what the operator reads, or the terminal's title.
+    """
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        code = ord(char)
+        return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+    return _UNSAFE_FOR_TERMINAL.sub(escape, text)
+
+
 def header_text(value: Any) -> str:
     """Render a header value for a terminal."""
     if isinstance(value, bytes | bytearray):
@@ -302,8 +325,9 @@ def message_lines(message: AbstractIncomingMessage, reveal: bool) -> list[str]:
         fields.append((name, text if reveal or name != "x-error-message" else scrub(text, 1024)))
     body = message.body.decode("utf-8", errors="replace") if reveal else None
     fields.append(("body", body if body is not None else describe_body(message.body)))
-    width = max(len(name) for name, _ in fields)
-    return [f"{name:<{width}}  {value}" for name, value in fields]
+    safe = [(terminal_safe(name), terminal_safe(value)) for name, value in fields]
+    width = max(len(name) for name, _ in safe)
+    return [f"{name:<{width}}  {value}" for name, value in safe]
 
 
 # --- redrive -------------------------------------------------------------------------------

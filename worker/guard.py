@@ -4,11 +4,16 @@ Every attempt passes the outage breaker (Connect down), the account breaker (the
 refused everywhere), then the rate limiter. Each answer is reported back to all three. Time a
 call spends waiting here is not charged to its message's retry budget, and neither are probes
 nor attempts refused for a suspected account-wide reason.
+
+The guard also knows which calls are on the wire and which tasks only wait (for a breaker, the
+limiter, their conversation's turn, a backoff): at shutdown it ends every wait at once, since
+nothing that waits can be sent any more, and lets only the calls on the wire finish.
 """
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -79,15 +84,43 @@ class CallGuard:
         self._last_accepted = -float("inf")
         self._closed = False
         self.sending: set[asyncio.Task[Any]] = set()
+        self.waiting: set[asyncio.Task[Any]] = set()
 
     @property
     def closed(self) -> bool:
         """Return True once the worker refuses new calls (it is handing messages back)."""
         return self._closed
 
-    def close(self) -> None:
-        """Refuse every call not yet sent: the worker is handing its messages back."""
+    def close(self) -> int:
+        """Refuse every call not yet sent and end every wait; return how many waits ended.
+
+        The worker is handing its messages back: a task that waits for a breaker, the limiter,
+        its turn or a backoff could not send anything any more, so it ends now instead of at
+        the end of the grace period. Calls already on the wire are left to finish.
+        """
         self._closed = True
+        waiting = list(self.waiting)
+        for task in waiting:
+            task.cancel()
+        return len(waiting)
+
+    async def hold(self, wait: Callable[[], Awaitable[T]]) -> T:
+        """Wait for something a call needs first (its turn, a backoff); shutdown ends it."""
+        self._refuse_if_closed()
+        with self._waiting():
+            return await wait()
+
+    @contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """Note the current task as waiting, so that `close` can end it."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.waiting.add(task)
+        try:
+            yield
+        finally:
+            if task is not None:
+                self.waiting.discard(task)
 
     def _refuse_if_closed(self) -> None:
         """End the calling task as if cancelled, so its message is handed back unacked."""
@@ -99,9 +132,11 @@ class CallGuard:
         started = time.monotonic()
         outage_probe = account_probe = False
         try:
-            outage_probe = await self.outage.admit()
-            account_probe = await self.account.admit()
-            sent_at = await self.limiter.acquire()
+            self._refuse_if_closed()
+            with self._waiting():
+                outage_probe = await self.outage.admit()
+                account_probe = await self.account.admit()
+                sent_at = await self.limiter.acquire()
             self._refuse_if_closed()
             attempts.waited += time.monotonic() - started
             attempts.record_call()

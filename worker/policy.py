@@ -5,8 +5,9 @@ Precedence: the failure's class first, which `errors.translate_error` chose from
 InternalServiceException rule, anything permanent is never retried), then the variant's rule.
 """
 
+import asyncio
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
@@ -101,10 +102,12 @@ class RetryPolicy:
         self,
         charged: Callable[[], tuple[int, float]],
         before_sleep: Callable[[RetryCallState], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> AsyncRetrying:
         """Return a tenacity loop: full-jitter exponential backoff, stopped by the budget.
 
-        `charged` returns the attempts and seconds charged to the message so far.
+        `charged` returns the attempts and seconds charged to the message so far; `sleep`
+        waits out a backoff (the worker's ends at once at shutdown).
         """
 
         def budget_spent(state: RetryCallState) -> bool:
@@ -117,4 +120,5 @@ class RetryPolicy:
             stop=budget_spent,
             wait=wait_random_exponential(multiplier=self._backoff_base, max=self._backoff_max),
             reraise=True,
+            sleep=sleep,
         )

@@ -34,7 +34,7 @@ class ExitCode(IntEnum):
 
 
 class Problem(Exception):
-    """A condition the user must fix, told in one line; the text holds no secret."""
+    """A condition the user must fix, told in one line (one per invalid setting); no secret."""
 
     exit_code: ExitCode = ExitCode.USAGE
 
@@ -45,5 +45,5 @@ class Problem(Exception):
 
     @property
     def line(self) -> str:
-        """Return the one line to print."""
+        """Return the line to print (several, one per problem, when the settings hold many)."""
         return str(self)

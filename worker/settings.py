@@ -5,13 +5,24 @@ Precedence (SPEC §6): CLI flag > environment > config file > defaults. The conf
 except that `AWS_REGION` is honoured too, since botocore reads only `AWS_DEFAULT_REGION`.
 """
 
+import difflib
 import os
 import re
 import socket
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,11 +31,14 @@ from pydantic_settings import (
 )
 
 from worker.masking import mask_url_password, remember_secrets
+from worker.problems import ExitCode, Problem
 
 DEFAULT_CONFIG_FILE = Path("config/worker.toml")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 # Read by botocore itself; the worker reads them only to keep them out of every line.
 AWS_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+SHUTDOWN_CLOSE_SECONDS = 2.0
+"""Of the shutdown bound, the part kept for closing the connections and exiting."""
 
 
 def _default_worker_id() -> str:
@@ -65,6 +79,8 @@ class WorkerSettings(BaseSettings):
     backoff_base_seconds: float = Field(0.2, gt=0)
     backoff_max_seconds: float = Field(20.0, gt=0)
     dead_letter_retry_delay_seconds: float = Field(1.0, ge=0)
+    # Declared before the grace period, which is checked against it.
+    shutdown_timeout_seconds: float = Field(25.0, gt=SHUTDOWN_CLOSE_SECONDS)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
 
     rate_initial: float = Field(20.0, gt=0)
@@ -85,6 +101,18 @@ class WorkerSettings(BaseSettings):
         """Keep every derived name (`<queue>.dlq.<Variant>`) within AMQP's 255-byte limit."""
         if not _QUEUE_NAME.match(value):
             raise ValueError("must be 1-200 characters of letters, digits, '.', '_', ':', '-'")
+        return value
+
+    @field_validator("shutdown_grace_seconds")
+    @classmethod
+    def _grace_fits_the_bound(cls, value: float, info: ValidationInfo) -> float:
+        """Keep the grace period inside the shutdown bound, with time left to close."""
+        bound = info.data.get("shutdown_timeout_seconds")
+        if bound is not None and value > bound - SHUTDOWN_CLOSE_SECONDS:
+            raise ValueError(
+                f"must be at most {bound - SHUTDOWN_CLOSE_SECONDS:g}: shutdown_timeout_seconds "
+                f"({bound:g}) less {SHUTDOWN_CLOSE_SECONDS:g} s kept for closing"
+            )
         return value
 
     @field_validator("log_level")
@@ -139,13 +167,96 @@ def config_file_path(explicit: Path | None = None) -> Path | None:
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:
-    """Read the settings from every source; `overrides` are CLI flags (None means not given)."""
+    """Read the settings from every source; `overrides` are CLI flags (None means not given).
+
+    Raise a `Problem` for a config file that is missing, unreadable, not TOML or holds an
+    unknown key, and for invalid values: one line per setting, naming where the value came
+    from (the value itself is not repeated: it may be a secret).
+    """
     path = config_file_path(config_file)
-    if path is not None and not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    from_file = read_config_file(path) if path is not None else {}
 
     class _FromFile(WorkerSettings):
         model_config = SettingsConfigDict(toml_file=path)
 
     flags = {name: value for name, value in overrides.items() if value is not None}
-    return _FromFile(**flags)
+    try:
+        return _FromFile(**flags)
+    except ValidationError as error:
+        lines = invalid_setting_lines(error, flags, from_file, path)
+        raise Problem("\n".join(lines), ExitCode.USAGE) from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Return a config file's settings; raise a `Problem` if it cannot be read or has a typo."""
+    try:
+        values = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise Problem(f"config file not found: {path}", ExitCode.NO_INPUT) from None
+    except IsADirectoryError:
+        raise Problem(f"config file {path} is a directory", ExitCode.NO_INPUT) from None
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise Problem(f"cannot read config file {path}: {reason}", ExitCode.NO_INPUT) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise Problem(f"config file {path} is not valid TOML: {error}", ExitCode.USAGE) from None
+    known = _known_keys()
+    unknown = [
+        unknown_key_line(key, value, path)
+        for key, value in values.items()
+        if key.lower() not in known
+    ]
+    if unknown:
+        raise Problem("\n".join(unknown), ExitCode.USAGE)
+    return values
+
+
+def _known_keys() -> set[str]:
+    """Return the keys a config file may hold, in lower case (pydantic-settings ignores case)."""
+    keys = set()
+    for name, field in WorkerSettings.model_fields.items():
+        keys.add(name)
+        if isinstance(field.validation_alias, AliasChoices):
+            keys.update(str(choice).lower() for choice in field.validation_alias.choices)
+    return keys
+
+
+def unknown_key_line(key: str, value: Any, path: Path) -> str:
+    """Name an unknown config key, with the closest setting as a suggestion."""
+    if isinstance(value, dict):
+        return f"config file {path}: unknown table [{key}]; settings go at the top of the file"
+    line = f"config file {path}: unknown setting {key!r}"
+    close = difflib.get_close_matches(key.lower(), sorted(WorkerSettings.model_fields), n=1)
+    return f"{line} (did you mean {close[0]!r}?)" if close else line
+
+
+def invalid_setting_lines(
+    error: ValidationError,
+    flags: Mapping[str, Any],
+    from_file: Mapping[str, Any],
+    path: Path | None,
+) -> list[str]:
+    """Return one line per invalid setting: its name, what is wrong, where the value came from."""
+    lines = []
+    for detail in error.errors(include_input=False, include_url=False, include_context=False):
+        message = detail["msg"].removeprefix("Value error, ")
+        if not detail["loc"]:
+            lines.append(f"settings: {message}")
+            continue
+        name = str(detail["loc"][0])
+        lines.append(f"setting {name}: {message} ({_source_of(name, flags, from_file, path)})")
+    return lines
+
+
+def _source_of(
+    name: str, flags: Mapping[str, Any], from_file: Mapping[str, Any], path: Path | None
+) -> str:
+    """Say which source gave a setting its value, highest precedence first (SPEC §6)."""
+    if name in flags:
+        return f"from --{name.replace('_', '-')}"
+    variable = f"WORKER_{name.upper()}"
+    if any(key.upper() == variable for key in os.environ):
+        return f"from {variable}"
+    if any(key.lower() == name for key in from_file):
+        return f"from {path}"
+    return "the default"

@@ -48,6 +48,34 @@ _SIGV4 = re.compile(
 _TUNABLE = frozenset({"rate", "burst", "latency_ms", "latency_jitter_ms", "error_rates"})
 
 
+CONTROL_API_HELP = """\
+Point the worker at it with AWS_ENDPOINT_URL_CONNECT=http://HOST:PORT (any AWS credentials and
+Region: calls must be SigV4-signed, the signature is not checked).
+
+Faults on demand:
+  DestinationId "simulate:CODE" or "simulate:CODE:STATUS" in an event makes that call fail
+  with CODE (e.g. simulate:ThrottlingException, simulate:SomeNewError:400).
+
+Control API (JSON over HTTP, under /_sim/):
+  GET    /_sim/stats     {"calls", "received", "by_outcome": {"ok": n, CODE: n}}
+  GET    /_sim/received  the accepted calls, in arrival order, with their bodies
+  GET    /_sim/calls     every call, accepted or not, with its status and code
+  POST   /_sim/config    change rate, burst, latency_ms, latency_jitter_ms or error_rates
+                         live, e.g. {"rate": 5, "burst": 2}; {"rate": null} lifts the quota
+  POST   /_sim/outage    fail every call for a while: {"seconds": 10, "code":
+                         "InternalServiceException", "status": 500}; or delay each answer
+                         (a hung Connect): {"seconds": 60, "stall": 30} answers calls that
+                         arrive in the next 60 s after 30 s
+  POST   /_sim/rules     fail matching calls: {"match": {"SourceId": "+1555..."}, "code":
+                         "ThrottlingException", "times": 2} (omit times: always)
+  DELETE /_sim/rules     remove every rule
+  POST   /_sim/reset     forget calls, rules, outage and open chats; refill the quota
+
+Example: curl -X POST localhost:4566/_sim/outage -d '{"seconds": 10}'
+"""
+"""What `chat-worker simulate --help` prints after the flags; the routes are in `make_app`."""
+
+
 @dataclass
 class SimulatorConfig:
     """Hold the simulated quota, latency and random error rates; validate them on creation."""
@@ -153,7 +181,10 @@ class ConnectSimulator:
         return self._url
 
     def make_app(self) -> web.Application:
-        """Build the aiohttp application with the Connect route and the control API."""
+        """Build the aiohttp application with the Connect route and the control API.
+
+        Keep `CONTROL_API_HELP` in step with the routes.
+        """
         app = web.Application(middlewares=[_control_errors_as_400])
         app.router.add_post("/chat-integration-event", self._handle_event)
         app.router.add_get("/_sim/received", self._get_received)

@@ -4,23 +4,26 @@ import asyncio
 import contextlib
 import gc
 import math
+import os
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
+from pamqp.commands import Basic
 
 from worker.breaker import Breaker
 from worker.broker import broker_url, connect_robust, explained
-from worker.connect_client import ConnectClient
+from worker.connect_client import NO_REGION, ConnectClient, connect_region
 from worker.consumer import MessageHandler
 from worker.dedupe import DeliveredLedger, MemoryLedger, RedisLedger
 from worker.guard import CallGuard, CallObserver
@@ -30,7 +33,7 @@ from worker.observability import get_logger
 from worker.policy import RetryPolicy
 from worker.problems import ExitCode, Problem
 from worker.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
-from worker.settings import WorkerSettings
+from worker.settings import SHUTDOWN_CLOSE_SECONDS, WorkerSettings
 from worker.settlement import Settler
 from worker.topology import PARTITION, declare_topology, leader_lock_name, work_queue_names
 
@@ -38,6 +41,8 @@ CONNECT_RETRY_SECONDS = 3.0
 STANDBY_DELAY_SECONDS = 2.0
 WATCH_SECONDS = 2.0
 SPREAD_PAUSE_SECONDS = (0.1, 0.3)
+EXIT_SECONDS = 0.5
+"""Of the shutdown bound, the part kept for the interpreter to exit after closing."""
 
 T = TypeVar("T")
 
@@ -75,11 +80,14 @@ class Worker:
         self.log = get_logger(worker_id=settings.worker_id, queue=settings.queue)
         self._endpoint_url = endpoint_url
         self._stop = asyncio.Event()
+        self._stop_requested_at: float | None = None
         self._in_flight: dict[asyncio.Task[Any], tuple[float, float]] = {}
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._lock_channel: AbstractChannel | None = None
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
+        self._cancelled_by_broker: set[str] = set()
+        self._topology_channel: AbstractChannel | None = None
         self._handler: MessageHandler | None = None
         self.guard = self._make_guard()
         self._ledger = make_ledger(settings)
@@ -90,8 +98,19 @@ class Worker:
         return self._stop.is_set()
 
     def request_stop(self) -> None:
-        """Ask the worker to drain and stop; safe to call from a signal handler."""
+        """Ask the worker to drain and stop; safe to call from a signal handler.
+
+        The shutdown bound (`shutdown_timeout_seconds`) runs from the first request.
+        """
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
         self._stop.set()
+
+    def _left_until(self, offset: float) -> float:
+        """Return the seconds from now until `offset` seconds after the stop request."""
+        if self._stop_requested_at is None:  # closing after an error: no orchestrator waits
+            return offset
+        return max(0.0, self._stop_requested_at + offset - time.monotonic())
 
     def readiness(self) -> tuple[bool, str]:
         """Say whether this replica is connected, consuming, and able to send."""
@@ -101,6 +120,9 @@ class Worker:
             return False, "not connected to the broker"
         if not self._consumers or self._channel is None or self._channel.is_closed:
             return False, "not consuming"
+        if self._cancelled_by_broker:
+            queues = ", ".join(sorted(self._cancelled_by_broker))
+            return False, f"not consuming {queues}: the broker cancelled it (queue deleted?)"
         if not self.guard.account.closed:
             return False, "Connect refuses this account (AccessDenied/credentials): paused"
         if not self.guard.outage.closed:
@@ -109,15 +131,17 @@ class Worker:
 
     async def run(self) -> None:
         """Run until `request_stop`; everything is closed on the way out, in reverse order."""
+        if connect_region(self.settings) is None:
+            raise Problem(NO_REGION, ExitCode.USAGE)
         async with AsyncExitStack() as stack:
             server = HealthServer(self.metrics, self.readiness, port=self.settings.http_port)
-            await server.start()
-            stack.push_async_callback(server.stop)
+            await self._listen(server)
+            stack.push_async_callback(self._close_within_bound, server.stop)
             connection = await self._connect()
             if connection is None:
                 return
             self._connection = connection
-            stack.push_async_callback(connection.close)
+            stack.push_async_callback(self._close_within_bound, connection.close)
             if self._ledger is not None:
                 stack.push_async_callback(self._ledger.close)
             client = await stack.enter_async_context(
@@ -134,6 +158,26 @@ class Worker:
             watcher.cancel()
             await self._drain()
         self.log.info("worker.stopped")
+
+    async def _listen(self, server: HealthServer) -> None:
+        """Start the health server; a port already taken is said in one line."""
+        try:
+            await server.start()
+        except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise Problem(
+                f"cannot listen on port {self.settings.http_port} for health and metrics "
+                f"({reason}): set WORKER_HTTP_PORT to a free port",
+                ExitCode.OS_ERROR,
+            ) from None
+
+    async def _close_within_bound(self, close: Callable[[], Awaitable[Any]]) -> None:
+        """Close something, giving up when the shutdown bound is about to end."""
+        budget = self._left_until(self.settings.shutdown_timeout_seconds - EXIT_SECONDS)
+        try:
+            await asyncio.wait_for(close(), budget)
+        except TimeoutError:
+            self.log.warning("worker.close_timed_out", closing=getattr(close, "__qualname__", ""))
 
     def _make_guard(self) -> CallGuard:
         """Build the rate limiter and breakers, reporting into metrics and logs."""
@@ -206,6 +250,7 @@ class Worker:
             topology = await declare_topology(
                 channel, self.settings.queue, self.settings.partitions
             )
+        self._topology_channel = channel
         settler = Settler(
             topology.dead_letter_exchange, self.settings.dead_letter_retry_delay_seconds, self.log
         )
@@ -291,6 +336,39 @@ class Worker:
             await self._on_message(message, name)
 
         self._consumers[name] = (queue, await queue.consume(on_message))
+        await self._hear_broker_cancels(channel)
+
+    async def _hear_broker_cancels(self, channel: AbstractChannel) -> None:
+        """Have the broker's consumer cancellations reported (again, after a reconnect)."""
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        """Note a partition whose consumer the broker cancelled: its queue was deleted."""
+        for name, (_, tag) in self._consumers.items():
+            if tag == frame.consumer_tag:
+                self._cancelled_by_broker.add(name)
+                self.log.warning("worker.consumer_cancelled_by_broker", partition_queue=name)
+
+    async def _restore_cancelled(self) -> None:
+        """Declare the topology again after consumers were cancelled; note those restored.
+
+        aio-pika declares a deleted queue again by itself and consumes from it anew, but
+        unbound, so that nothing would reach it: declaring the whole topology (idempotent,
+        as at start-up) binds it again. Readiness returns once every consumer is back.
+        """
+        if not self._cancelled_by_broker or self._channel is None:
+            return
+        if self._topology_channel is not None:
+            await declare_topology(
+                self._topology_channel, self.settings.queue, self.settings.partitions
+            )
+        # The abstract channel does not declare `consumers`; aio-pika reads it the same way.
+        underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        for name in sorted(self._cancelled_by_broker):
+            if self._consumers[name][1] in underlay.consumers:
+                self._cancelled_by_broker.discard(name)
+                self.log.info("worker.consumer_restored", partition_queue=name)
 
     @staticmethod
     async def _consumer_count(channel: AbstractChannel, name: str) -> int:
@@ -301,6 +379,8 @@ class Worker:
 
     async def _on_message(self, message: AbstractIncomingMessage, queue_name: str) -> None:
         """Handle one delivery, tracked so that shutdown and the hold watch can see it."""
+        if self.stopping:
+            return  # left unacked: closing the channel hands it back, in order
         task = asyncio.current_task()
         assert task is not None and self._handler is not None
         published = message.timestamp.timestamp() if message.timestamp else time.time()
@@ -318,6 +398,9 @@ class Worker:
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             try:
+                if self._channel is not None and not self._channel.is_closed:
+                    await self._hear_broker_cancels(self._channel)
+                await self._restore_cancelled()
                 await self._refresh_gauges(stats)
                 if self._oldest_hold() > self.settings.max_hold_seconds:
                     await self._hand_back_everything(connection)
@@ -359,6 +442,7 @@ class Worker:
         if self._channel is not None:
             await self._channel.close()
         self._consumers.clear()
+        self._cancelled_by_broker.clear()
         await self._consume(connection)
 
     async def _cancel_in_flight(self) -> int:
@@ -370,33 +454,49 @@ class Worker:
         return len(tasks)
 
     async def _drain(self) -> None:
-        """Stop deliveries, give in-flight events the grace period, cancel the rest.
+        """Hand back at once what cannot be sent; let calls on the wire finish within the bound.
 
-        The consumers are cancelled first so that the broker stops sending while we finish;
-        cancelled events are never acked, so closing the channel hands them back.
+        Nothing that waits (for a breaker, the limiter, its turn or a backoff) can be sent any
+        more: those events end at once. Calls on the wire and settlements get the grace period.
+        Every event not settled stays unacked, and closing the connection hands them back
+        together, in order. The subscriptions are kept until then, on purpose: cancelling
+        them first would let a standby replica take a partition over while this one still
+        holds earlier events of its conversations, and send later ones first. Deliveries
+        that still arrive are left unacked with the rest.
         """
-        self.log.info("worker.draining", in_flight=len(self._in_flight))
-        for queue, tag in self._consumers.values():
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+        ended = self.guard.close()
+        self.log.info("worker.draining", in_flight=len(self._in_flight), ended_waits=ended)
         pending = set(self._in_flight)
         if pending:
-            _, pending = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
-        handed_back = await self._hand_back_unsent(pending) if pending else 0
-        self.log.info("worker.drained", handed_back=handed_back)
+            grace = self._left_until(self.settings.shutdown_grace_seconds)
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        abandoned = await self._hand_back_unsent(pending) if pending else 0
+        self.log.info("worker.drained", handed_back=ended + len(pending), abandoned=abandoned)
 
     async def _hand_back_unsent(self, pending: set[asyncio.Task[Any]]) -> int:
-        """Hand back what has not been sent; let calls already on the wire get their answer.
+        """Hand back what is not on the wire; give calls on the wire the rest of the bound.
 
         Cancelling a call on the wire would requeue an event Connect may have accepted, and
-        the API has no idempotency token: it would be sent twice. Its answer comes within the
-        client's timeouts, and then it is settled; no new call starts.
+        the API has no idempotency token: it would be sent twice. So a call on the wire is
+        given what is left of `shutdown_timeout_seconds`, less the time kept for closing.
+        One still unanswered then is abandoned and its event handed back unacked: the
+        replica that takes it sends it again, a duplicate if Connect did accept the first
+        call (an abandoned call's late answer reaches no ledger, the client closes at once).
+        That is the price of exiting before the orchestrator's SIGKILL, which would cost the
+        same duplicate and interrupt the closing. Return the number of calls abandoned.
         """
-        self.guard.close()
         on_the_wire = pending & self.guard.sending
         for task in pending - on_the_wire:
             task.cancel()
-        timeout = self.settings.connect_timeout_seconds + self.settings.read_timeout_seconds
+        late: set[asyncio.Task[Any]] = set()
         if on_the_wire:
-            await asyncio.wait(on_the_wire, timeout=timeout + 1.0)
-        return await self._cancel_in_flight()
+            bound = self.settings.shutdown_timeout_seconds - SHUTDOWN_CLOSE_SECONDS
+            _, late = await asyncio.wait(on_the_wire, timeout=self._left_until(bound))
+        if late:
+            self.log.warning(
+                "worker.calls_abandoned",
+                calls=len(late),
+                reason="no answer within the shutdown bound; handed back, may be sent twice",
+            )
+        await self._cancel_in_flight()
+        return len(late)

@@ -22,8 +22,10 @@ DEFAULT_PARTITIONS = WorkerSettings.model_fields["partitions"].default
 pytestmark = pytest.mark.integration
 
 
-async def run_command(*args: str, stdin: bytes | None = None) -> tuple[int, str]:
-    """Run `python -m worker ARGS`; return its exit code and output."""
+async def run_command(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run `python -m worker ARGS` (in `env`, else this environment); return exit code, output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -33,6 +35,7 @@ async def run_command(*args: str, stdin: bytes | None = None) -> tuple[int, str]
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=REPO,
+        env=env,
     )
     output, _ = await asyncio.wait_for(process.communicate(stdin), 120)
     assert process.returncode is not None
@@ -54,6 +57,32 @@ async def test_demo_accounts_for_every_event(base: str) -> None:
     assert code == 0, output
     assert "every event accounted for: yes" in output
     assert "delivered to Connect                             30" in output
+
+
+async def test_two_demos_on_one_broker_each_use_and_delete_a_topology_of_their_own(
+    base: str,
+) -> None:
+    # When two demos run at the same time on one broker
+    runs = await asyncio.gather(
+        *(run_command("demo", "--queue", base, "--amqp-url", AMQP_URL) for _ in range(2))
+    )
+
+    # Then each accounts for every one of its events, on a topology named after the base
+    names = []
+    for code, output in runs:
+        assert code == 0, output
+        assert "every event accounted for: yes" in output
+        names.append(re.search(r"exchange '([^']+)'", output).group(1))
+    assert names[0] != names[1]
+    assert all(name.startswith(f"{base}-demo-") for name in names)
+
+    # And neither topology is left behind
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        for name in names:
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                channel = await connection.channel()
+                await channel.declare_queue(work_queue_names(name, 1)[0], passive=True)
 
 
 async def test_declare_then_publish_routes_by_conversation_key(base: str) -> None:

@@ -204,6 +204,29 @@ async def test_show_masks_bodies_removes_nothing_and_keeps_order(
     assert [message.message_id for message in kept] == ["m-0", "m-1", "m-2"]
 
 
+async def test_show_escapes_terminal_control_sequences_from_ids_and_headers(
+    dead_letters: DeadLetters,
+) -> None:
+    # Given a dead letter whose message_id and headers carry ANSI escape sequences (a colour,
+    # a screen clear, a window title) and a line break
+    message = await dead_letters.put(
+        INVALID, 1, **{"x-error-message": "bad\x1b[2J\x1b[31mred", "evil\x1b]0;pwned\x07": "v\nw"}
+    )
+    message.message_id = "id\x1b[8mhidden"
+    await dead_letters.publish_dead_letter(INVALID, message)
+
+    # When it is shown, without and with --reveal
+    for args in ((), ("--reveal",)):
+        code, out, err = await dlq(dead_letters.base, "show", *args)
+
+        # Then no control character reaches the terminal: each is printed escaped
+        assert code == 0, err
+        assert not any(char in out for char in "\x1b\x07\x9b"), repr(out)
+        assert "id\\x1b[8mhidden" in out
+        assert "bad\\x1b[2J\\x1b[31mred" in out
+        assert "evil\\x1b]0;pwned\\x07" in out and "v\\nw" in out
+
+
 async def test_show_reveal_prints_the_body(dead_letters: DeadLetters) -> None:
     await dead_letters.put(INVALID, 7)
 

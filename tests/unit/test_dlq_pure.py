@@ -13,6 +13,7 @@ from worker.dlq import (
     parse_duration,
     redrive_routing_key,
     redriven_headers,
+    terminal_safe,
 )
 from worker.models import conversation_key
 
@@ -126,3 +127,18 @@ def test_mask_access_key_keeps_four_at_each_end() -> None:
     assert mask_access_key("AKIAIOSFODNN7EXAMPLE") == "AKIA…MPLE"
     assert mask_access_key("short") == "****"
     assert mask_access_key(None) == "****"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+        ("\x1b]0;title\x07", "\\x1b]0;title\\x07"),
+        ("\x9b2J", "\\x9b2J"),
+        ("two\nlines\r\tand\x00", "two\\nlines\\r\\tand\\x00"),
+        ("abc\u202etxt.exe", "abc\\u202etxt.exe"),
+        ("plain é 日本 +1555", "plain é 日本 +1555"),
+    ],
+)
+def test_terminal_safe_escapes_controls_and_keeps_printable_text(text: str, shown: str) -> None:
+    assert terminal_safe(text) == shown

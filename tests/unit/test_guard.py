@@ -57,6 +57,16 @@ def answering(result: str = "ok") -> Callable[[], Awaitable[str]]:
     return send
 
 
+def recording(sent: list[str]) -> Callable[[], Awaitable[str]]:
+    """Return a send that notes each call it makes, and succeeds."""
+
+    async def send() -> str:
+        sent.append("sent")
+        return "ok"
+
+    return send
+
+
 def failing(failure: Exception) -> Callable[[], Awaitable[str]]:
     async def send() -> str:
         raise failure
@@ -188,12 +198,7 @@ async def test_consecutive_internal_errors_open_the_outage_breaker_at_the_thresh
 
     # And the next call is held instead of being sent
     sent: list[str] = []
-
-    async def send() -> str:
-        sent.append("sent")
-        return "ok"
-
-    held = asyncio.create_task(guard.call(send, Attempts()))
+    held = asyncio.create_task(guard.call(recording(sent), Attempts()))
     await asyncio.sleep(0.05)
     assert not held.done()
     assert sent == []
@@ -343,3 +348,67 @@ async def test_a_probe_cancelled_before_it_is_sent_frees_the_probe_slot() -> Non
     state_after: BreakerState = guard.outage.state
     assert state_after is BreakerState.OPEN  # actual: PROBING
     assert await asyncio.wait_for(guard.outage.admit(), 0.1) is True  # actual: waits forever
+
+
+# Shutdown
+
+
+async def test_close_ends_at_once_a_call_that_waits_for_the_open_breaker() -> None:
+    # Given an open outage breaker whose next probe is a minute away, and a call waiting on it
+    guard = make_guard(probe_seconds=60.0)
+    for _ in range(OUTAGE_THRESHOLD):
+        guard.outage.record_failure(probe=False)
+    sent: list[str] = []
+    waiting = asyncio.create_task(guard.call(recording(sent), Attempts()))
+    await asyncio.sleep(0.01)
+
+    # When the guard is closed
+    ended = guard.close()
+
+    # Then the waiting call ends now, cancelled, and nothing was sent
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert ended == 1
+    assert waiting.cancelled()
+    assert sent == []
+
+
+async def test_close_lets_a_call_on_the_wire_finish_and_refuses_the_next() -> None:
+    # Given a call on the wire, waiting for Connect's answer
+    guard = make_guard()
+    answer = asyncio.Event()
+
+    async def send() -> str:
+        await answer.wait()
+        return "accepted"
+
+    on_the_wire = asyncio.create_task(guard.call(send, Attempts()))
+    await asyncio.sleep(0.01)
+    assert on_the_wire in guard.sending
+
+    # When the guard is closed and the answer comes afterwards
+    assert guard.close() == 0
+    answer.set()
+
+    # Then the call gets its answer, and a new call is refused without being sent
+    assert await on_the_wire == "accepted"
+    with pytest.raises(asyncio.CancelledError):
+        await guard.call(answering(), Attempts())
+
+
+async def test_close_ends_a_hold_and_a_later_hold_never_starts_its_wait() -> None:
+    guard = make_guard()
+    backoff = asyncio.create_task(guard.hold(lambda: asyncio.sleep(60)))
+    await asyncio.sleep(0.01)
+
+    assert guard.close() == 1
+    await asyncio.gather(backoff, return_exceptions=True)
+    assert backoff.cancelled()
+
+    started: list[bool] = []
+
+    async def wait() -> None:
+        started.append(True)
+
+    with pytest.raises(asyncio.CancelledError):
+        await guard.hold(wait)
+    assert started == []

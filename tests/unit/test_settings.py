@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings, load_settings
 
 SECRET_URL = "amqps://worker:s3cr3t-pw@broker.example:5671/prod"
@@ -77,8 +78,13 @@ def test_worker_environment_variables_override_defaults(monkeypatch: pytest.Monk
 def test_environment_value_out_of_range_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKER_PREFETCH", "0")
 
-    with pytest.raises(ValidationError):
+    with pytest.raises(Problem) as raised:
         load_settings()
+
+    assert raised.value.exit_code == ExitCode.USAGE
+    assert raised.value.line == (
+        "setting prefetch: Input should be greater than or equal to 1 (from WORKER_PREFETCH)"
+    )
 
 
 # --- config file and precedence --------------------------------------------------------------
@@ -157,8 +163,11 @@ def test_each_setting_comes_from_its_highest_source(
 
 
 def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(Problem) as raised:
         load_settings(config_file=tmp_path / "absent.toml")
+
+    assert raised.value.exit_code == ExitCode.NO_INPUT
+    assert raised.value.line == f"config file not found: {tmp_path / 'absent.toml'}"
 
 
 def test_missing_config_file_named_by_worker_config_is_an_error(
@@ -166,7 +175,7 @@ def test_missing_config_file_named_by_worker_config_is_an_error(
 ) -> None:
     monkeypatch.setenv("WORKER_CONFIG", str(tmp_path / "absent.toml"))
 
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(Problem, match="config file not found"):
         load_settings()
 
 
@@ -224,7 +233,7 @@ def test_invalid_queue_name_from_the_environment_is_rejected(
 ) -> None:
     monkeypatch.setenv("WORKER_QUEUE", "bad name")
 
-    with pytest.raises(ValidationError):
+    with pytest.raises(Problem, match=r"^setting queue: must be .* \(from WORKER_QUEUE\)$"):
         load_settings()
 
 
@@ -258,3 +267,129 @@ def test_repr_and_str_never_contain_the_password(monkeypatch: pytest.MonkeyPatch
     assert "s3cr3t-pw" not in repr(settings)
     assert "s3cr3t-pw" not in str(settings)
     assert "s3cr3t-pw" not in settings.model_dump_json()
+
+
+# --- what a mistake in the settings looks like -----------------------------------------------
+
+
+def test_an_unknown_config_key_is_rejected_with_the_closest_setting(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "w.toml", "prefetchh = 1\n")
+
+    with pytest.raises(Problem) as raised:
+        load_settings(config_file=path)
+
+    assert raised.value.exit_code == ExitCode.USAGE
+    assert raised.value.line == (
+        f"config file {path}: unknown setting 'prefetchh' (did you mean 'prefetch'?)"
+    )
+
+
+def test_every_unknown_config_key_gets_its_line(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "w.toml", 'zzz = 1\nqeueu = "x"\n[worker]\nprefetch = 2\n')
+
+    with pytest.raises(Problem) as raised:
+        load_settings(config_file=path)
+
+    assert raised.value.line.splitlines() == [
+        f"config file {path}: unknown setting 'zzz'",
+        f"config file {path}: unknown setting 'qeueu' (did you mean 'queue'?)",
+        f"config file {path}: unknown table [worker]; settings go at the top of the file",
+    ]
+
+
+def test_config_keys_are_matched_like_the_settings_source_matches_them(tmp_path: Path) -> None:
+    # pydantic-settings ignores case, and the Region is read under its AWS names too
+    path = write_toml(tmp_path / "w.toml", 'Prefetch = 3\nAWS_REGION = "eu-west-1"\n')
+
+    settings = load_settings(config_file=path)
+
+    assert (settings.prefetch, settings.aws_region) == (3, "eu-west-1")
+
+
+def test_a_config_file_that_is_not_toml_is_one_line(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "w.toml", "prefetch = \n")
+
+    with pytest.raises(Problem) as raised:
+        load_settings(config_file=path)
+
+    assert raised.value.exit_code == ExitCode.USAGE
+    assert raised.value.line.startswith(f"config file {path} is not valid TOML: ")
+    assert "\n" not in raised.value.line
+
+
+def test_a_config_file_that_is_a_directory_is_no_input(tmp_path: Path) -> None:
+    with pytest.raises(Problem) as raised:
+        load_settings(config_file=tmp_path)
+
+    assert raised.value.exit_code == ExitCode.NO_INPUT
+    assert raised.value.line == f"config file {tmp_path} is a directory"
+
+
+def test_invalid_settings_give_one_line_each_naming_their_source(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = write_toml(tmp_path / "w.toml", "partitions = 0\n")
+    monkeypatch.setenv("WORKER_PREFETCH", "-1")
+
+    with pytest.raises(Problem) as raised:
+        load_settings(config_file=path, queue="bad name")
+
+    lines = raised.value.line.splitlines()
+    assert lines == [
+        "setting queue: must be 1-200 characters of letters, digits, '.', '_', ':', '-' "
+        "(from --queue)",
+        "setting prefetch: Input should be greater than or equal to 1 (from WORKER_PREFETCH)",
+        f"setting partitions: Input should be greater than or equal to 1 (from {path})",
+    ]
+    assert "_FromFile" not in raised.value.line
+
+
+def test_an_invalid_secret_is_not_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_REDIS_URL", "")
+    monkeypatch.setenv("WORKER_PREFETCH", "s3cr3t-typed-in-the-wrong-place")
+
+    with pytest.raises(Problem) as raised:
+        load_settings()
+
+    assert "s3cr3t" not in raised.value.line
+    assert raised.value.line.startswith("setting prefetch: ")
+
+
+# --- the shutdown bound ----------------------------------------------------------------------
+
+
+def test_the_default_shutdown_fits_a_30_second_orchestrator_grace_with_margin() -> None:
+    settings = WorkerSettings()
+
+    assert settings.shutdown_timeout_seconds <= 25.0
+    assert settings.shutdown_grace_seconds <= settings.shutdown_timeout_seconds - 2.0
+
+
+def test_a_grace_period_that_leaves_no_time_to_close_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKER_SHUTDOWN_GRACE_SECONDS", "24")
+
+    with pytest.raises(Problem) as raised:
+        load_settings()
+
+    assert raised.value.line == (
+        "setting shutdown_grace_seconds: must be at most 23: shutdown_timeout_seconds (25) "
+        "less 2 s kept for closing (from WORKER_SHUTDOWN_GRACE_SECONDS)"
+    )
+
+
+def test_a_longer_bound_allows_a_longer_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_SHUTDOWN_TIMEOUT_SECONDS", "90")
+    monkeypatch.setenv("WORKER_SHUTDOWN_GRACE_SECONDS", "80")
+
+    assert load_settings().shutdown_grace_seconds == 80
+
+
+def test_a_shorter_bound_refuses_the_default_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_SHUTDOWN_TIMEOUT_SECONDS", "10")
+
+    with pytest.raises(
+        Problem, match=r"shutdown_grace_seconds: must be at most 8: .*\(the default\)"
+    ):
+        load_settings()
