@@ -21,7 +21,7 @@ import aio_pika
 import aiohttp
 
 from worker.models import conversation_key
-from worker.publisher import event_message
+from worker.ops.publish import event_message
 from worker.topology import declare_topology, delete_topology, work_queue_names
 
 REPO = Path(__file__).resolve().parents[1]

@@ -42,7 +42,7 @@ from bench.common import (
 )
 from bench.throughput import PREFETCH, baseline_drain, worker_drain
 from worker.models import conversation_key
-from worker.publisher import event_message
+from worker.ops.publish import event_message
 from worker.topology import work_queue_names
 
 CONVERSATIONS = 1000

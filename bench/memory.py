@@ -41,7 +41,7 @@ from bench.common import (
     worker_env,
 )
 from worker.models import conversation_key
-from worker.publisher import event_message
+from worker.ops.publish import event_message
 
 BATCH = 500
 MB = 1024 * 1024

@@ -28,7 +28,7 @@ from bench.common import (
     wait_for,
     worker_env,
 )
-from worker.errors import ErrorVariant
+from worker.pipeline.errors import ErrorVariant
 from worker.topology import dead_letter_queue_name
 
 CONCURRENCY = 64

@@ -14,7 +14,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError, ReadTimeoutError
 
-from worker.simulator import ConnectSimulator, SimulatorConfig, parse_error_rates, serve
+from worker.testing.simulator import ConnectSimulator, SimulatorConfig, parse_error_rates, serve
 
 Client = Any  # aiobotocore clients are generated at runtime and carry no static type
 

@@ -1,6 +1,6 @@
 """Run the command line: ``python -m worker``."""
 
-from worker.cli import main
+from worker.ops.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -22,7 +22,7 @@ from prometheus_client import (
 )
 
 from worker import __version__
-from worker.errors import ErrorVariant
+from worker.pipeline.errors import ErrorVariant
 
 PREFIX: Final = "chat_worker"
 
@@ -57,9 +57,9 @@ RETRY_REASONS: Final = ("throttled", "transient")
 BREAKERS: Final = ("outage", "account")
 """The `breaker` label values: the service-outage breaker and the account-wide-error one.
 
-`breaker_state` takes the value of `worker.breaker.BreakerState`: 0 closed, 1 open, 2 probing.
-A numeric gauge rather than an `Enum` metric: one series per breaker, `> 0` alerts, and graphs
-that show the state directly.
+`breaker_state` takes the value of `worker.pipeline.breaker.BreakerState`: 0 closed, 1 open,
+2 probing. A numeric gauge rather than an `Enum` metric: one series per breaker, `> 0`
+alerts, and graphs that show the state directly.
 """
 
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

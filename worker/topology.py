@@ -17,7 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from pamqp.common import FieldTable
 
-from worker.errors import ErrorVariant
+from worker.pipeline.errors import ErrorVariant
 
 QUORUM: FieldTable = {"x-queue-type": "quorum"}
 PARTITION: FieldTable = {"x-queue-type": "quorum", "x-single-active-consumer": True}

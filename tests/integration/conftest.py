@@ -17,7 +17,7 @@ from tests.integration.support import (
     wait_until,
     worker_environment,
 )
-from worker.simulator import ConnectSimulator, SimulatorConfig
+from worker.testing.simulator import ConnectSimulator, SimulatorConfig
 from worker.topology import declare_topology, delete_topology
 
 PARTITIONS = 4

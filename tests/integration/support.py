@@ -13,7 +13,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from worker.simulator import ConnectSimulator
+from worker.testing.simulator import ConnectSimulator
 from worker.topology import dead_letter_queue_name, work_queue_names
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -9,9 +9,9 @@ import pytest
 
 from tests.integration.conftest import StartWorker
 from tests.integration.support import Broker, free_port, wait_until
-from worker.errors import ErrorVariant
 from worker.models import conversation_key
-from worker.simulator import ConnectSimulator
+from worker.pipeline.errors import ErrorVariant
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = pytest.mark.integration
 

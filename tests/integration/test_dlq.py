@@ -15,9 +15,9 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
 from tests.integration.support import AMQP_URL, REPO
-from worker.dead_letter import FailureContext, build_dead_letter, iso_utc
-from worker.errors import ErrorVariant, EventFailure
 from worker.models import conversation_key
+from worker.pipeline.envelope import FailureContext, build_dead_letter, iso_utc
+from worker.pipeline.errors import ErrorVariant, EventFailure
 from worker.problems import ExitCode
 from worker.topology import (
     dead_letter_exchange_name,

@@ -24,7 +24,7 @@ from tests.integration.support import AMQP_URL, REPO, free_port
 from worker.broker import connect_plain, explained
 from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings
-from worker.simulator import ConnectSimulator
+from worker.testing.simulator import ConnectSimulator
 from worker.topology import declare_topology, delete_topology, work_queue_name
 
 pytestmark = pytest.mark.integration
@@ -394,7 +394,7 @@ import aio_pika
 from yarl import URL
 from worker.observability import configure_logging
 from worker.settings import WorkerSettings
-from worker.simulator import ConnectSimulator
+from worker.testing.simulator import ConnectSimulator
 
 async def main(raw: str) -> None:
     WorkerSettings(amqp_url=raw)  # registers the password, as every command does

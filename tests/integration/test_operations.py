@@ -26,9 +26,9 @@ from tests.integration.support import (
     wait_until,
     worker_environment,
 )
-from worker.errors import ErrorVariant
 from worker.models import conversation_key
-from worker.simulator import ConnectSimulator
+from worker.pipeline.errors import ErrorVariant
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = pytest.mark.integration
 

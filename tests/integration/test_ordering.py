@@ -11,7 +11,7 @@ import pytest
 from tests.integration.conftest import StartWorker
 from tests.integration.support import Broker, wait_until
 from worker.models import conversation_key
-from worker.simulator import ConnectSimulator
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = pytest.mark.integration
 

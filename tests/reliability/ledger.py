@@ -21,10 +21,10 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from tests.integration.support import Broker
-from worker.dedupe import Fingerprint, RedisLedger
-from worker.errors import ErrorVariant
 from worker.models import ChatIntegrationEvent, conversation_key
-from worker.simulator import ConnectSimulator
+from worker.pipeline.dedupe import Fingerprint, RedisLedger
+from worker.pipeline.errors import ErrorVariant
+from worker.testing.simulator import ConnectSimulator
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -15,7 +15,7 @@ import pytest
 from tests.integration.conftest import StartWorker
 from tests.integration.support import Broker, TcpProxy, free_port, wait_until
 from tests.reliability.ledger import Ledger, drained, quiescent, readiness, token_event
-from worker.simulator import ConnectSimulator
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

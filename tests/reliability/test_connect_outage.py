@@ -24,7 +24,7 @@ from tests.reliability.ledger import (
     received_tokens,
     remembered_ids,
 )
-from worker.simulator import ConnectSimulator
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -13,7 +13,7 @@ from tests.integration.conftest import StartWorker
 from tests.integration.support import Broker, free_port, wait_until
 from tests.reliability.conftest import REDIS_URL
 from tests.reliability.ledger import metric, quiescent, received_tokens, token_event
-from worker.simulator import ConnectSimulator
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -13,8 +13,8 @@ import pytest
 from tests.integration.conftest import StartWorker
 from tests.integration.support import Broker, wait_until
 from tests.reliability.ledger import Ledger, control, dead_letter_total, token_event
-from worker.dead_letter import REPLACED_HEADERS
-from worker.simulator import ConnectSimulator
+from worker.pipeline.envelope import REPLACED_HEADERS
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -34,9 +34,9 @@ from tests.reliability.ledger import (
 )
 from tests.reliability.raw_amqp import RawTimestamp, Typed, raw_values, typed_values
 from worker.amqp_compat import text_from_wire, text_to_wire
-from worker.dead_letter import REPLACED_HEADERS
 from worker.models import conversation_key
-from worker.simulator import ConnectSimulator
+from worker.pipeline.envelope import REPLACED_HEADERS
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

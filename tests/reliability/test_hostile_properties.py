@@ -17,7 +17,7 @@ from tests.integration.test_dlq import dlq
 from tests.reliability.ledger import Ledger, metric, quiescent, readiness, token_event
 from worker.amqp_compat import text_from_wire, text_to_wire
 from worker.models import conversation_key
-from worker.simulator import ConnectSimulator
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -23,7 +23,7 @@ from tests.integration.test_ordering import (
 )
 from tests.reliability.ledger import Ledger, control, drained, readiness
 from worker.settings import WorkerSettings
-from worker.simulator import ConnectSimulator
+from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from worker.breaker import Breaker, BreakerState
+from worker.pipeline.breaker import Breaker, BreakerState
 
 
 class FakeClock:

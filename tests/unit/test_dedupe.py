@@ -1,6 +1,6 @@
 """The in-memory ledger: an event is known by its message_id and its body, for a window."""
 
-from worker.dedupe import Fingerprint, MemoryLedger, Verdict
+from worker.pipeline.dedupe import Fingerprint, MemoryLedger, Verdict
 
 
 class FakeClock:

@@ -12,7 +12,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from worker.errors import (
+from worker.pipeline.errors import (
     ErrorVariant,
     EventFailure,
     MalformedEventError,

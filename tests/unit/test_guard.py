@@ -1,7 +1,7 @@
 """The call guard: breakers and rate limiter in front of every call, learning from every answer.
 
 Real breakers and a real limiter; `send` is a fake coroutine that answers or raises the failures
-`worker.errors` makes of Connect's answers.
+`worker.pipeline.errors` makes of Connect's answers.
 """
 
 import asyncio
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import pytest
 from botocore.exceptions import ReadTimeoutError
 
-import worker.guard as guard_module
-from worker.breaker import Breaker, BreakerState
-from worker.errors import (
+import worker.pipeline.guard as guard_module
+from worker.pipeline.breaker import Breaker, BreakerState
+from worker.pipeline.errors import (
     AccountSuspectError,
     ErrorVariant,
     EventFailure,
@@ -23,8 +23,8 @@ from worker.errors import (
     TransientApiError,
     translate_error,
 )
-from worker.guard import Attempts, CallGuard, CallObserver
-from worker.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
+from worker.pipeline.guard import Attempts, CallGuard, CallObserver
+from worker.pipeline.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 
 OUTAGE_THRESHOLD = 3
 ACCOUNT_THRESHOLD = 2
@@ -297,7 +297,7 @@ async def test_an_internal_error_is_not_ambiguous() -> None:
 
 
 class FakeMonotonic:
-    """Stands in for the `time` module inside worker.guard, so that its memory runs on it."""
+    """Stands in for the `time` module inside worker.pipeline.guard, so its memory runs on it."""
 
     def __init__(self) -> None:
         self.now = 1000.0

@@ -7,8 +7,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from worker.errors import ErrorVariant
 from worker.metrics import Metrics, api_outcome
+from worker.pipeline.errors import ErrorVariant
 
 
 def samples(metrics: Metrics) -> list[Sample]:

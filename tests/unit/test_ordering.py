@@ -4,7 +4,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from worker.ordering import ConversationLines, Outcome, Turn
+from worker.pipeline.ordering import ConversationLines, Outcome, Turn
 
 
 async def settle() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tenacity import RetryCallState
 
-from worker.errors import (
+from worker.pipeline.errors import (
     ErrorVariant,
     EventFailure,
     MalformedEventError,
@@ -16,7 +16,7 @@ from worker.errors import (
     ThrottledApiError,
     TransientApiError,
 )
-from worker.policy import NEVER, RetryPolicy, RetryRule, retry_table
+from worker.pipeline.policy import NEVER, RetryPolicy, RetryRule, retry_table
 from worker.settings import WorkerSettings
 
 PERMANENT_VARIANTS = [

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-import worker.rate_limiter as rate_limiter_module
-from worker.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
+import worker.pipeline.rate_limiter as rate_limiter_module
+from worker.pipeline.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 
 T = TypeVar("T")
 

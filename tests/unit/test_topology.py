@@ -2,7 +2,7 @@
 
 import pytest
 
-from worker.errors import ErrorVariant
+from worker.pipeline.errors import ErrorVariant
 from worker.topology import (
     all_queue_names,
     dead_letter_exchange_name,

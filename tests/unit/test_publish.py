@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.ops.publish import event_bodies, malformed_reason, read_input, routing_key_for
 from worker.problems import ExitCode, Problem
-from worker.publisher import event_bodies, malformed_reason, read_input, routing_key_for
 
 LIMIT = 256 * 1024
 EVENT = {"SourceId": "+15550001", "DestinationId": "d", "Event": {"Type": "DISCONNECT"}}

@@ -5,8 +5,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker.check import mask_access_key
-from worker.dlq import (
+from worker.models import conversation_key
+from worker.ops.check import mask_access_key
+from worker.ops.dead_letter_queues import (
     describe_body,
     failed_at,
     format_age,
@@ -15,7 +16,6 @@ from worker.dlq import (
     redriven_headers,
     terminal_safe,
 )
-from worker.models import conversation_key
 
 PHONE = "+15557654321"
 CONTENT = "my card number is 4111"

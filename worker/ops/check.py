@@ -103,7 +103,7 @@ async def check_aws(settings: WorkerSettings) -> list[str]:
     """Resolve AWS region, credentials and endpoint as the worker would; return the problems."""
     from aiobotocore.session import get_session
 
-    from worker.connect_client import NO_REGION, connect_region
+    from worker.pipeline.connect_client import NO_REGION, connect_region
 
     session = get_session()
     problems = []
@@ -141,7 +141,7 @@ async def _aws_credentials(session: Any) -> tuple[str | None, str | None]:
 
 async def _connect_endpoint(settings: WorkerSettings) -> tuple[str | None, str | None]:
     """Create the worker's own Connect client; return the endpoint URL it calls, or the problem."""
-    from worker.connect_client import ConnectClient
+    from worker.pipeline.connect_client import ConnectClient
 
     try:
         async with ConnectClient(settings) as client:

@@ -10,9 +10,9 @@ from typing import Any
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
-from worker.dead_letter import FailureContext, build_dead_letter
-from worker.errors import EventFailure
 from worker.observability import scrub
+from worker.pipeline.envelope import FailureContext, build_dead_letter
+from worker.pipeline.errors import EventFailure
 
 PUBLISH_TIMEOUT_SECONDS = 30.0
 

@@ -12,13 +12,13 @@ from pydantic import ValidationError
 
 from worker import __version__, amqp_compat
 from worker.broker import connect_plain, explained
-from worker.check import add_check_parser
-from worker.dlq import add_dlq_parser
 from worker.masking import install_log_masking, mask
 from worker.observability import configure_logging
+from worker.ops.check import add_check_parser
+from worker.ops.dead_letter_queues import add_dlq_parser
 from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings, load_settings
-from worker.simulator import CONTROL_API_HELP
+from worker.testing.simulator import CONTROL_API_HELP
 from worker.topology import declare_topology
 
 EXIT_USAGE = ExitCode.USAGE
@@ -123,7 +123,7 @@ def _settings_from(args: argparse.Namespace) -> WorkerSettings:
 
 async def run_worker(settings: WorkerSettings) -> int:
     """Run the worker; the first SIGTERM/SIGINT drains it, a second one stops it at once."""
-    from worker.worker import Worker
+    from worker.runner.lifecycle import Worker
 
     worker = Worker(settings)
     main_task = asyncio.current_task()
@@ -157,7 +157,7 @@ async def declare(settings: WorkerSettings) -> int:
 
 async def publish(settings: WorkerSettings, file: str, allow_malformed: bool) -> int:
     """Publish a file of JSON lines to the input exchange, once every line is checked."""
-    from worker.publisher import event_bodies, publish_file_lines, read_input
+    from worker.ops.publish import event_bodies, publish_file_lines, read_input
 
     lines = (await asyncio.to_thread(read_input, file)).splitlines()
     source = "standard input" if file == "-" else file
@@ -171,7 +171,7 @@ async def publish(settings: WorkerSettings, file: str, allow_malformed: bool) ->
 
 async def simulate(args: argparse.Namespace) -> int:
     """Run the Connect simulator until interrupted."""
-    from worker.simulator import SimulatorConfig, parse_error_rates, serve
+    from worker.testing.simulator import SimulatorConfig, parse_error_rates, serve
 
     try:
         config = SimulatorConfig(
@@ -199,7 +199,7 @@ async def dispatch(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         return await simulate(args)
     if args.command == "check":
-        from worker.check import run_check
+        from worker.ops.check import run_check
 
         return await run_check(lambda: _settings_from(args), args.config, args.aws)
     settings = _settings_from(args)
@@ -211,10 +211,10 @@ async def dispatch(args: argparse.Namespace) -> int:
     if args.command == "publish":
         return await publish(settings, args.file, args.allow_malformed)
     if args.command == "dlq":
-        from worker.dlq import run_dlq
+        from worker.ops.dead_letter_queues import run_dlq
 
         return await run_dlq(settings, args)
-    from worker.demo import run_demo
+    from worker.ops.demo import run_demo
 
     return await run_demo(settings)
 

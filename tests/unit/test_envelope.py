@@ -10,8 +10,8 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands
 from pamqp.header import ContentHeader
 
-from worker.consumer import decode
-from worker.dead_letter import (
+from worker.pipeline.decoding import decode
+from worker.pipeline.envelope import (
     MAX_MESSAGE_BYTES,
     MAX_VALIDATION_ERRORS_BYTES,
     FailureContext,
@@ -20,7 +20,7 @@ from worker.dead_letter import (
     iso_utc,
     truncate_utf8,
 )
-from worker.errors import (
+from worker.pipeline.errors import (
     ErrorVariant,
     EventFailure,
     MalformedEventError,
@@ -326,7 +326,7 @@ def test_redriven_dead_letter_drops_error_headers_of_the_previous_failure() -> N
 
 def test_header_values_decoded_as_bytes_can_be_published_again() -> None:
     # Given headers as pamqp decodes them when a long string is not UTF-8, nested too
-    from worker.dead_letter import encodable
+    from worker.pipeline.envelope import encodable
 
     decoded = {"raw": b"\xff\xfe", "table": {"inner": b"\x80"}, "list": [b"\x81", 1]}
 

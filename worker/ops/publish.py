@@ -11,9 +11,9 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 
 from worker.broker import connect_plain, explained
-from worker.consumer import decode
-from worker.errors import EventFailure
 from worker.models import conversation_key
+from worker.pipeline.decoding import decode
+from worker.pipeline.errors import EventFailure
 from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings
 from worker.topology import declare_topology

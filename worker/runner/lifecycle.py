@@ -21,20 +21,20 @@ from aio_pika.abc import (
 )
 from pamqp.commands import Basic
 
-from worker.breaker import Breaker
 from worker.broker import broker_url, connect_robust, explained
-from worker.connect_client import NO_REGION, ConnectClient, connect_region
-from worker.consumer import MessageHandler
-from worker.dedupe import DeliveredLedger, MemoryLedger, RedisLedger
-from worker.guard import CallGuard, CallObserver
 from worker.http_server import HealthServer
 from worker.metrics import Metrics, api_outcome
 from worker.observability import get_logger
-from worker.policy import RetryPolicy
+from worker.pipeline.breaker import Breaker
+from worker.pipeline.connect_client import NO_REGION, ConnectClient, connect_region
+from worker.pipeline.dedupe import DeliveredLedger, MemoryLedger, RedisLedger
+from worker.pipeline.guard import CallGuard, CallObserver
+from worker.pipeline.handler import MessageHandler
+from worker.pipeline.policy import RetryPolicy
+from worker.pipeline.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
+from worker.pipeline.settlement import Settler
 from worker.problems import ExitCode, Problem
-from worker.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 from worker.settings import SHUTDOWN_CLOSE_SECONDS, WorkerSettings
-from worker.settlement import Settler
 from worker.topology import PARTITION, declare_topology, leader_lock_name, work_queue_names
 
 CONNECT_RETRY_SECONDS = 3.0

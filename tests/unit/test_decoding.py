@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 
-from worker.consumer import decode
-from worker.errors import ErrorVariant, MalformedEventError
 from worker.models import ChatIntegrationEvent, EventType
+from worker.pipeline.decoding import decode
+from worker.pipeline.errors import ErrorVariant, MalformedEventError
 
 LIMIT = 256 * 1024
 PHONE = "+15551234567"

@@ -38,10 +38,10 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, HeadersTyp
 from aio_pika.exceptions import ChannelNotFoundEntity, DeliveryError
 
 from worker.broker import connect_plain
-from worker.dead_letter import copy_message, iso_utc
-from worker.errors import ErrorVariant
 from worker.observability import scrub
-from worker.publisher import routing_key_for
+from worker.ops.publish import routing_key_for
+from worker.pipeline.envelope import copy_message, iso_utc
+from worker.pipeline.errors import ErrorVariant
 from worker.settings import WorkerSettings
 from worker.topology import dead_letter_queue_name, input_exchange_name
 

@@ -12,7 +12,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, HeadersType
 
 from worker.amqp_compat import encode_field_table as field_table
-from worker.errors import EventFailure
+from worker.pipeline.errors import EventFailure
 
 MAX_MESSAGE_BYTES = 1024
 MAX_VALIDATION_ERRORS_BYTES = 4096

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
-from worker.errors import (
+from worker.pipeline.errors import (
     AccountSuspectError,
     ErrorVariant,
     EventFailure,

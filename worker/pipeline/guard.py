@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from worker.breaker import Breaker
-from worker.errors import (
+from worker.pipeline.breaker import Breaker
+from worker.pipeline.errors import (
     AccountSuspectError,
     EventFailure,
     ThrottledApiError,
     TransientApiError,
     is_account_error,
 )
-from worker.rate_limiter import AdaptiveRateLimiter
+from worker.pipeline.rate_limiter import AdaptiveRateLimiter
 
 T = TypeVar("T")
 

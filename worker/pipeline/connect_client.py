@@ -12,8 +12,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from worker import __version__
-from worker.errors import translate_error
 from worker.models import ChatIntegrationEvent
+from worker.pipeline.errors import translate_error
 from worker.settings import WorkerSettings
 
 NO_REGION = "no AWS region: set AWS_REGION or AWS_DEFAULT_REGION"

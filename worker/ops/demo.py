@@ -15,10 +15,10 @@ import aiohttp
 from aio_pika.abc import AbstractChannel
 
 from worker.broker import connect_plain
-from worker.errors import ErrorVariant
-from worker.publisher import publish_bodies
+from worker.ops.publish import publish_bodies
+from worker.pipeline.errors import ErrorVariant
 from worker.settings import WorkerSettings
-from worker.simulator import ConnectSimulator, SimulatorConfig
+from worker.testing.simulator import ConnectSimulator, SimulatorConfig
 from worker.topology import declare_topology, delete_topology, work_queue_names
 
 DRAIN_TIMEOUT_SECONDS = 90.0

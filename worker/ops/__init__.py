@@ -1,0 +1,1 @@
+"""What operators run: the command line, `check`, the dead-letter queue tools, `demo`, `publish`."""

@@ -1,0 +1,1 @@
+"""Aids for running without AWS: the Connect simulator (`chat-worker simulate`)."""
