@@ -1,7 +1,5 @@
 """The one translation from botocore's errors to failures the policy understands (SPEC §2, §5)."""
 
-from typing import Any
-
 import pytest
 from botocore.exceptions import (
     ClientError,
@@ -12,7 +10,9 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from tests.unit.failures import client_error
 from worker.pipeline.errors import (
+    CallerRefusedError,
     ErrorVariant,
     EventFailure,
     MalformedEventError,
@@ -26,32 +26,11 @@ from worker.pipeline.errors import (
 ENDPOINT = "https://connect.us-east-1.amazonaws.com/chat-integration-event"
 
 
-def client_error(
-    code: str,
-    status: int,
-    message: str = "something went wrong",
-    request_id: str = "req-1234",
-    **modelled_fields: Any,
-) -> ClientError:
-    """Build a ClientError shaped like the one botocore's rest-json parser produces."""
-    response: dict[str, Any] = {
-        "Error": {"Code": code, "Message": message},
-        "ResponseMetadata": {
-            "RequestId": request_id,
-            "HTTPStatusCode": status,
-            "HTTPHeaders": {"x-amzn-requestid": request_id, "x-amzn-errortype": code},
-            "RetryAttempts": 0,
-        },
-        **modelled_fields,
-    }
-    return ClientError(response, "SendChatIntegrationEvent")
-
-
 @pytest.mark.parametrize(
     ("code", "status", "variant", "kind"),
     [
         ("InvalidRequestException", 400, ErrorVariant.INVALID_REQUEST, PermanentApiError),
-        ("AccessDeniedException", 403, ErrorVariant.ACCESS_DENIED, PermanentApiError),
+        ("AccessDeniedException", 403, ErrorVariant.ACCESS_DENIED, CallerRefusedError),
         ("ResourceNotFoundException", 404, ErrorVariant.RESOURCE_NOT_FOUND, PermanentApiError),
         ("ThrottlingException", 429, ErrorVariant.THROTTLING, ThrottledApiError),
         ("InternalServiceException", 500, ErrorVariant.INTERNAL_SERVICE, TransientApiError),
@@ -189,15 +168,62 @@ def test_a_server_error_is_not_ambiguous() -> None:
     assert failure.ambiguous is False
 
 
-@pytest.mark.parametrize(
-    "error", [NoCredentialsError(), RuntimeError("bug")], ids=["NoCredentialsError", "RuntimeError"]
-)
-def test_non_transport_error_is_a_permanent_unknown_error(error: Exception) -> None:
-    failure = translate_error(error)
+def test_a_bug_is_a_permanent_unknown_error() -> None:
+    failure = translate_error(RuntimeError("bug"))
 
     assert type(failure) is PermanentApiError
     assert failure.variant is ErrorVariant.UNKNOWN
-    assert failure.code == type(error).__name__
+    assert failure.code == "RuntimeError"
+
+
+def test_missing_credentials_refuse_the_caller() -> None:
+    failure = translate_error(NoCredentialsError())
+
+    assert type(failure) is CallerRefusedError
+    assert failure.variant is ErrorVariant.UNKNOWN
+    assert failure.code == "NoCredentialsError"
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("UnrecognizedClientException", 400),
+        ("InvalidSignatureException", 403),
+        ("ExpiredTokenException", 400),
+        ("MissingAuthenticationTokenException", 403),
+    ],
+)
+def test_codes_that_refuse_the_caller_are_caller_refusals_of_the_unknown_variant(
+    code: str, status: int
+) -> None:
+    # Wrong credentials, role or Region: the code says the caller, not the event, is refused.
+    failure = translate_error(client_error(code, status))
+
+    assert type(failure) is CallerRefusedError
+    assert failure.variant is ErrorVariant.UNKNOWN
+    assert failure.code == code
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(429, ThrottledApiError), (500, TransientApiError), (503, TransientApiError)],
+)
+def test_the_status_decides_before_a_code_that_refuses_the_caller(
+    status: int, kind: type[EventFailure]
+) -> None:
+    failure = translate_error(client_error("AccessDeniedException", status))
+
+    assert type(failure) is kind
+    assert failure.variant is ErrorVariant.ACCESS_DENIED
+
+
+@pytest.mark.parametrize(
+    "code", ["InvalidRequestException", "ResourceNotFoundException", "ValidationException"]
+)
+def test_an_event_refused_for_itself_is_not_a_caller_refusal(code: str) -> None:
+    failure = translate_error(client_error(code, 400))
+
+    assert type(failure) is PermanentApiError
 
 
 @pytest.mark.parametrize(
@@ -233,7 +259,9 @@ def test_class_hierarchy_says_transient_or_permanent() -> None:
     assert issubclass(ThrottledApiError, TransientApiError)
     assert not issubclass(PermanentApiError, TransientApiError)
     assert not issubclass(MalformedEventError, TransientApiError)
-    for kind in (ThrottledApiError, TransientApiError, PermanentApiError, MalformedEventError):
+    assert issubclass(CallerRefusedError, PermanentApiError)
+    kinds = (ThrottledApiError, TransientApiError, PermanentApiError, MalformedEventError)
+    for kind in (*kinds, CallerRefusedError):
         assert issubclass(kind, EventFailure)
 
 

@@ -5,49 +5,26 @@ Real breakers and a real limiter; `send` is a fake coroutine that answers or rai
 """
 
 import asyncio
-import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pytest
 from botocore.exceptions import ReadTimeoutError
 
-import worker.pipeline.guard as guard_module
+from tests.unit.failures import access_denied, internal_error, invalid_request, throttled
 from worker.pipeline.breaker import Breaker, BreakerState
 from worker.pipeline.errors import (
-    AccountSuspectError,
-    ErrorVariant,
     EventFailure,
-    PermanentApiError,
     ThrottledApiError,
     TransientApiError,
     translate_error,
 )
-from worker.pipeline.guard import Attempts, CallGuard, CallObserver
+from worker.pipeline.guard import AccountVerdict, Attempts, CallGuard, CallObserver
 from worker.pipeline.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 
 OUTAGE_THRESHOLD = 3
 ACCOUNT_THRESHOLD = 2
-
-
-def throttled() -> ThrottledApiError:
-    return ThrottledApiError(ErrorVariant.THROTTLING, "ThrottlingException", http_status=429)
-
-
-def internal_error() -> TransientApiError:
-    return TransientApiError(
-        ErrorVariant.INTERNAL_SERVICE, "InternalServiceException", http_status=500
-    )
-
-
-def access_denied() -> PermanentApiError:
-    return PermanentApiError(
-        ErrorVariant.ACCESS_DENIED,
-        "AccessDeniedException",
-        "not authorized",
-        http_status=403,
-        request_id="req-1",
-    )
 
 
 def answering(result: str = "ok") -> Callable[[], Awaitable[str]]:
@@ -67,6 +44,16 @@ def recording(sent: list[str]) -> Callable[[], Awaitable[str]]:
     return send
 
 
+class FakeClock:
+    """A monotonic clock that moves only when a test moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def failing(failure: Exception) -> Callable[[], Awaitable[str]]:
     async def send() -> str:
         raise failure
@@ -79,16 +66,18 @@ class Observed:
     """What the guard told its observer."""
 
     answers: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
     ambiguous: int = 0
+
+    def on_answer(self, outcome: str, seconds: float) -> None:
+        self.answers.append(outcome)
+        self.latencies.append(seconds)
 
     def observer(self) -> CallObserver:
         def on_ambiguous() -> None:
             self.ambiguous += 1
 
-        return CallObserver(
-            on_answer=lambda outcome, seconds: self.answers.append(outcome),
-            on_ambiguous=on_ambiguous,
-        )
+        return CallObserver(on_answer=self.on_answer, on_ambiguous=on_ambiguous)
 
 
 def make_guard(
@@ -96,13 +85,16 @@ def make_guard(
     probe_seconds: float = 60.0,
     initial_rate: float = 1000.0,
     account_memory_seconds: float = 60.0,
+    clock: FakeClock | None = None,
 ) -> CallGuard:
+    """Return a guard with real breakers and limiter; `clock`, if given, is the guard's own."""
     return CallGuard(
         AdaptiveRateLimiter(RateLimitConfig(initial_rate=initial_rate)),
         Breaker("outage", OUTAGE_THRESHOLD, probe_seconds, probe_seconds * 4),
         Breaker("account", ACCOUNT_THRESHOLD, probe_seconds, probe_seconds * 4),
         account_memory_seconds,
         (observed or Observed()).observer(),
+        **({"clock": clock} if clock else {}),
     )
 
 
@@ -129,7 +121,7 @@ async def test_a_success_returns_the_result_and_counts_a_charged_attempt() -> No
     assert observed.answers == ["ok"]
 
 
-async def test_access_denied_with_nothing_accepted_recently_is_an_account_suspect() -> None:
+async def test_access_denied_with_nothing_accepted_yet_is_reported_as_account_suspect() -> None:
     # Given a guard that has not had a call accepted yet
     observed = Observed()
     guard = make_guard(observed)
@@ -139,18 +131,12 @@ async def test_access_denied_with_nothing_accepted_recently_is_an_account_suspec
     # When a call is refused with AccessDenied
     raised = await call_failing(guard, denied, attempts)
 
-    # Then it is held as a suspected account-wide refusal, keeping what Connect said
-    assert type(raised) is AccountSuspectError
-    assert raised.__cause__ is denied
-    assert (raised.variant, raised.code, raised.http_status, raised.request_id) == (
-        ErrorVariant.ACCESS_DENIED,
-        "AccessDeniedException",
-        403,
-        "req-1",
-    )
-    # And the attempt is made but not charged to the event's retry budget
-    assert (attempts.calls, attempts.charged) == (1, 0)
+    # Then the refusal is raised as Connect's answer made it: the policy decides what follows
+    assert raised is denied
+    # And the guard counts it towards the account breaker, and reports refusals as suspect
     assert guard.account.failures == 1
+    assert guard.account_verdict() is AccountVerdict.SUSPECT
+    assert (attempts.calls, attempts.charged) == (1, 1)
     assert observed.answers == ["AccessDeniedException"]
 
 
@@ -164,7 +150,7 @@ async def test_access_denied_for_every_call_opens_the_account_breaker() -> None:
     assert guard.outage.closed
 
 
-async def test_access_denied_after_a_success_is_permanent_for_that_event() -> None:
+async def test_access_denied_after_a_success_is_reported_as_that_events_own() -> None:
     # Given a guard that has just had a call accepted
     guard = make_guard()
     await guard.call(answering(), Attempts())
@@ -174,11 +160,20 @@ async def test_access_denied_after_a_success_is_permanent_for_that_event() -> No
     # When the next call is refused with AccessDenied
     raised = await call_failing(guard, denied, attempts)
 
-    # Then the refusal is raised unchanged, to be dead-lettered at once, and charged
+    # Then the refusal is raised unchanged and charged, and says nothing against the account
     assert raised is denied
     assert (attempts.calls, attempts.charged) == (1, 1)
+    assert guard.account_verdict() is AccountVerdict.ACCEPTED
     assert guard.account.closed
     assert guard.account.failures == 0
+
+
+async def test_an_event_refused_for_its_content_proves_the_account_works() -> None:
+    guard = make_guard()
+
+    await call_failing(guard, invalid_request(), Attempts())
+
+    assert guard.account_verdict() is AccountVerdict.ACCEPTED
 
 
 async def test_consecutive_internal_errors_open_the_outage_breaker_at_the_threshold() -> None:
@@ -253,13 +248,14 @@ async def test_throttles_feed_the_limiter_and_do_not_open_the_outage_breaker() -
     assert attempts.charged == OUTAGE_THRESHOLD + 2
 
 
-async def test_a_throttle_counts_as_accepted_so_a_later_access_denied_is_permanent() -> None:
+async def test_a_throttle_counts_as_accepted_so_a_later_access_denied_is_the_events() -> None:
     guard = make_guard()
     await call_failing(guard, throttled(), Attempts())
 
-    raised = await call_failing(guard, access_denied(), Attempts())
+    await call_failing(guard, access_denied(), Attempts())
 
-    assert type(raised) is PermanentApiError
+    assert guard.account_verdict() is AccountVerdict.ACCEPTED
+    assert guard.account.failures == 0
 
 
 async def test_a_read_timeout_counts_an_ambiguous_attempt() -> None:
@@ -293,39 +289,97 @@ async def test_an_internal_error_is_not_ambiguous() -> None:
     assert observed.ambiguous == 0
 
 
-# Known defects
+# The clock
 
 
-class FakeMonotonic:
-    """Stands in for the `time` module inside worker.pipeline.guard, so its memory runs on it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
-async def test_refusals_alone_do_not_keep_the_account_looking_accepted(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_the_account_memory_ends_on_the_injected_clock() -> None:
     # Given a guard with a 10 s account memory, whose last accepted call was at t=1000
-    clock = FakeMonotonic()
-    monkeypatch.setattr(guard_module, "time", types.SimpleNamespace(monotonic=clock.monotonic))
-    guard = make_guard(account_memory_seconds=10.0)
+    clock = FakeClock(1000.0)
+    guard = make_guard(account_memory_seconds=10.0, clock=clock)
+    await guard.call(answering(), Attempts())
+
+    # Then refusals look like the event's own just short of 10 s later, account-wide at 10 s
+    clock.now = 1009.99
+    assert guard.account_verdict() is AccountVerdict.ACCEPTED
+    clock.now = 1010.0
+    assert guard.account_verdict() is AccountVerdict.SUSPECT
+
+
+async def test_refusals_alone_do_not_keep_the_account_looking_accepted() -> None:
+    # Given a guard with a 10 s account memory, whose last accepted call was at t=1000
+    clock = FakeClock(1000.0)
+    guard = make_guard(account_memory_seconds=10.0, clock=clock)
     await guard.call(answering(), Attempts())
 
     # When the credentials expire and every later call is refused, one per second
-    raised: list[type[EventFailure]] = []
-    while guard.account.state is BreakerState.CLOSED and len(raised) < 30:
+    verdicts: list[AccountVerdict] = []
+    while guard.account.state is BreakerState.CLOSED and len(verdicts) < 30:
         clock.now += 1.0
-        raised.append(type(await call_failing(guard, access_denied(), Attempts())))
+        await call_failing(guard, access_denied(), Attempts())
+        verdicts.append(guard.account_verdict())
 
-    # Then once nothing has been accepted for 10 s, refusals are held as account suspects,
+    # Then once nothing has been accepted for 10 s, refusals look account-wide,
     # and after the threshold of them the account breaker opens (calls then wait)
-    assert raised[:9] == [PermanentApiError] * 9
-    assert raised[9:] == [AccountSuspectError] * ACCOUNT_THRESHOLD
+    assert verdicts[:9] == [AccountVerdict.ACCEPTED] * 9
+    assert verdicts[9:] == [AccountVerdict.SUSPECT] * ACCOUNT_THRESHOLD
     assert guard.account.state is BreakerState.OPEN
+
+
+async def test_latency_is_measured_on_the_injected_clock() -> None:
+    clock = FakeClock()
+    observed = Observed()
+    guard = make_guard(observed, clock=clock)
+
+    async def slow() -> str:
+        clock.now += 0.25
+        return "ok"
+
+    await guard.call(slow, Attempts())
+
+    assert observed.latencies == [0.25]
+
+
+def test_attempts_charge_seconds_since_the_first_call_less_the_time_held_back() -> None:
+    clock = FakeClock(50.0)
+    attempts = Attempts(clock=clock)
+    assert attempts.budget_seconds() == 0.0
+
+    clock.now = 60.0
+    attempts.record_call()
+    clock.now = 75.0
+    attempts.waited = 5.0
+
+    assert attempts.received_monotonic == 50.0
+    assert attempts.first_monotonic == 60.0
+    assert attempts.budget_seconds() == 10.0
+
+
+def test_attempts_note_the_first_call_on_the_injected_wall_clock() -> None:
+    moment = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    attempts = Attempts(utc_clock=lambda: moment)
+
+    attempts.record_call()
+    attempts.record_call()
+
+    assert attempts.first_at == moment
+    assert attempts.calls == 2
+
+
+def test_attempts_forgive_a_held_call_once_and_never_a_probe() -> None:
+    attempts = Attempts()
+
+    attempts.record_answer(probe=False)
+    attempts.record_answer(probe=False)
+    attempts.forgive_last()
+    attempts.forgive_last()
+    assert attempts.charged == 1
+
+    attempts.record_answer(probe=True)
+    attempts.forgive_last()
+    assert attempts.charged == 1
+
+
+# Known defects
 
 
 async def test_a_probe_cancelled_before_it_is_sent_frees_the_probe_slot() -> None:

@@ -1,107 +1,83 @@
-"""The retry policy: one table, its precedence, and the tenacity loop built from it (SPEC §5)."""
-
-import asyncio
-import os
-import time
-from pathlib import Path
+"""The retry decision: one table keyed by kind, looked up along the class hierarchy (SPEC §5)."""
 
 import pytest
-from tenacity import RetryCallState
+from hypothesis import given
+from hypothesis import strategies as st
+from tenacity import wait_exponential
 
+from tests.unit.failures import client_error, internal_error, throttled
 from worker.pipeline.errors import (
+    CallerRefusedError,
     ErrorVariant,
     EventFailure,
     MalformedEventError,
     PermanentApiError,
     ThrottledApiError,
     TransientApiError,
+    translate_error,
 )
-from worker.pipeline.policy import NEVER, RetryPolicy, RetryRule, retry_table
+from worker.pipeline.guard import AccountVerdict
+from worker.pipeline.policy import (
+    Action,
+    Decision,
+    FailureKind,
+    RetryPolicy,
+    RetryRule,
+    Spent,
+    kind_of,
+    retry_table,
+)
 from worker.settings import WorkerSettings
 
-PERMANENT_VARIANTS = [
-    ErrorVariant.ACCESS_DENIED,
-    ErrorVariant.INVALID_REQUEST,
-    ErrorVariant.RESOURCE_NOT_FOUND,
-    ErrorVariant.UNKNOWN,
-    ErrorVariant.MALFORMED,
-]
+pytestmark = pytest.mark.usefixtures("isolated_settings")
+
+ACCEPTED = AccountVerdict.ACCEPTED
+SUSPECT = AccountVerdict.SUSPECT
 
 
-@pytest.fixture(autouse=True)
-def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Keep the caller's WORKER_* variables and config/worker.toml out of the settings."""
-    for name in list(os.environ):
-        if name.upper().startswith("WORKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-def fast_policy(**budgets: float) -> RetryPolicy:
-    """Return a policy with the given budgets and a backoff too short to notice."""
+def policy(**budgets: float) -> RetryPolicy:
+    """Return a policy with the given budgets and a deterministic backoff: 1, 2, 4, 8 s."""
     settings = WorkerSettings(**budgets)  # type: ignore[arg-type]
-    return RetryPolicy(retry_table(settings), backoff_base=0.001, backoff_max=0.002)
+    return RetryPolicy(retry_table(settings), wait_exponential(multiplier=1, max=8))
 
 
-def throttled(variant: ErrorVariant = ErrorVariant.THROTTLING) -> ThrottledApiError:
-    return ThrottledApiError(variant, variant.value, http_status=429)
+def spent(calls: int = 1, attempts: int | None = None, seconds: float = 0.0) -> Spent:
+    """Return what a message spent; by default every call was charged."""
+    return Spent(calls, calls if attempts is None else attempts, seconds)
 
 
-def transient(variant: ErrorVariant = ErrorVariant.INTERNAL_SERVICE) -> TransientApiError:
-    return TransientApiError(variant, variant.value, http_status=500)
+def refused() -> CallerRefusedError:
+    return CallerRefusedError(ErrorVariant.ACCESS_DENIED, "AccessDeniedException", http_status=403)
 
 
-def permanent(variant: ErrorVariant = ErrorVariant.ACCESS_DENIED) -> PermanentApiError:
-    return PermanentApiError(variant, variant.value, http_status=400)
-
-
-class Charge:
-    """Count attempts and seconds like the consumer does, for the policy's budget."""
-
-    def __init__(self) -> None:
-        self.attempts = 0
-        self.started = time.monotonic()
-
-    def __call__(self) -> tuple[int, float]:
-        return self.attempts, time.monotonic() - self.started
-
-
-async def run_calls(
-    policy: RetryPolicy, outcomes: list[BaseException | None], calls: list[int]
-) -> None:
-    """Drive the policy's loop over calls that fail (or succeed, None) in turn; note each call."""
-    charge = Charge()
-    async for attempt in policy.retrying(charge):
-        with attempt:
-            charge.attempts += 1
-            outcome = outcomes[min(len(calls), len(outcomes) - 1)]
-            calls.append(attempt.retry_state.attempt_number)
-            if outcome is not None:
-                raise outcome
+def invalid() -> PermanentApiError:
+    return PermanentApiError(ErrorVariant.INVALID_REQUEST, "InvalidRequestException")
 
 
 # --- the table -------------------------------------------------------------------------------
 
 
-def test_every_variant_has_a_rule() -> None:
-    assert set(retry_table(WorkerSettings())) == set(ErrorVariant)
+def test_every_kind_has_a_rule() -> None:
+    assert set(retry_table(WorkerSettings())) == set(FailureKind)
 
 
-@pytest.mark.parametrize("variant", PERMANENT_VARIANTS)
-def test_permanent_variants_are_never_retried(variant: ErrorVariant) -> None:
-    assert retry_table(WorkerSettings())[variant].retry is False
-
-
-def test_throttling_rule_uses_the_throttle_budget() -> None:
+def test_throttled_rule_is_a_retry_within_the_throttle_budget() -> None:
     settings = WorkerSettings(throttle_max_attempts=7, throttle_max_seconds=42.0)
 
-    assert retry_table(settings)[ErrorVariant.THROTTLING] == RetryRule(True, 7, 42.0)
+    assert retry_table(settings)[FailureKind.THROTTLED] == RetryRule(Action.RETRY, 7, 42.0)
 
 
-def test_internal_service_rule_uses_the_transient_budget() -> None:
+def test_transient_rule_is_a_retry_within_the_transient_budget() -> None:
     settings = WorkerSettings(transient_max_attempts=4, transient_max_seconds=9.5)
 
-    assert retry_table(settings)[ErrorVariant.INTERNAL_SERVICE] == RetryRule(True, 4, 9.5)
+    assert retry_table(settings)[FailureKind.TRANSIENT] == RetryRule(Action.RETRY, 4, 9.5)
+
+
+def test_held_rule_holds_without_a_budget_and_permanent_rule_stops() -> None:
+    table = retry_table(WorkerSettings())
+
+    assert table[FailureKind.HELD] == RetryRule(Action.HOLD)
+    assert table[FailureKind.PERMANENT] == RetryRule(Action.STOP)
 
 
 def test_default_budgets_stay_well_under_the_broker_consumer_timeout() -> None:
@@ -112,179 +88,197 @@ def test_default_budgets_stay_well_under_the_broker_consumer_timeout() -> None:
     assert worst_case + settings.backoff_max_seconds + settings.read_timeout_seconds < 30 * 60 / 2
 
 
-# --- rule_for: status class before variant ---------------------------------------------------
+# --- kinds, along the class hierarchy ----------------------------------------------------------
 
 
-def test_throttled_failure_follows_the_throttling_rule_whatever_its_variant() -> None:
-    policy = fast_policy(throttle_max_attempts=3)
-
-    assert policy.rule_for(throttled(ErrorVariant.UNKNOWN)) == RetryRule(True, 3, 300.0)
+class SlowDownError(ThrottledApiError):
+    """A subclass of a class in the table."""
 
 
-def test_transient_unknown_error_follows_the_internal_service_rule() -> None:
-    policy = fast_policy(transient_max_attempts=5)
-
-    assert policy.rule_for(transient(ErrorVariant.UNKNOWN)) == RetryRule(True, 5, 120.0)
+class GatewayError(TransientApiError):
+    """Another one."""
 
 
-def test_transient_failure_with_a_permanent_code_is_still_retried() -> None:
-    # A 503 that says AccessDeniedException: the status decides that it is retried.
-    policy = fast_policy()
-
-    assert policy.rule_for(transient(ErrorVariant.ACCESS_DENIED)).retry is True
+class RevokedKeyError(CallerRefusedError):
+    """A subclass of the held row's class."""
 
 
-@pytest.mark.parametrize("variant", PERMANENT_VARIANTS)
-def test_permanent_failure_is_never_retried(variant: ErrorVariant) -> None:
-    assert fast_policy().rule_for(permanent(variant)) == NEVER
+class StrangeError(EventFailure):
+    """An EventFailure subclass the table does not know."""
 
 
-@pytest.mark.parametrize("variant", [ErrorVariant.THROTTLING, ErrorVariant.INTERNAL_SERVICE])
-def test_permanent_class_is_never_retried_whatever_its_variant(variant: ErrorVariant) -> None:
-    assert fast_policy().rule_for(permanent(variant)).retry is False
-
-
-def test_malformed_event_is_never_retried() -> None:
-    failure = MalformedEventError(ErrorVariant.MALFORMED, "NotJson", "body is not valid JSON")
-
-    assert fast_policy().rule_for(failure) == NEVER
-
-
-def test_unexpected_exception_is_never_retried() -> None:
-    assert fast_policy().rule_for(RuntimeError("bug")) == NEVER
-
-
-def test_from_settings_uses_the_configured_budgets() -> None:
-    policy = RetryPolicy.from_settings(WorkerSettings(throttle_max_attempts=2))
-
-    assert policy.rule_for(throttled()).max_attempts == 2
-
-
-# --- should_retry ----------------------------------------------------------------------------
-
-
-def test_should_retry_until_max_attempts() -> None:
-    policy = fast_policy(throttle_max_attempts=3)
-
-    assert policy.should_retry(throttled(), attempts=1, elapsed=0.0)
-    assert policy.should_retry(throttled(), attempts=2, elapsed=0.0)
-    assert not policy.should_retry(throttled(), attempts=3, elapsed=0.0)
-
-
-def test_should_retry_until_max_seconds() -> None:
-    policy = fast_policy(transient_max_seconds=10.0)
-
-    assert policy.should_retry(transient(), attempts=1, elapsed=9.99)
-    assert not policy.should_retry(transient(), attempts=1, elapsed=10.0)
-
-
-def test_should_not_retry_a_permanent_failure_on_its_first_attempt() -> None:
-    assert not fast_policy().should_retry(permanent(), attempts=1, elapsed=0.0)
-
-
-# --- the tenacity loop -----------------------------------------------------------------------
+class StrangePermanentError(PermanentApiError):
+    """A permanent subclass the table does not know: its nearest listed base is EventFailure."""
 
 
 @pytest.mark.parametrize(
-    ("failure", "budget", "expected_calls"),
+    ("failure", "kind"),
     [
-        (throttled(), {"throttle_max_attempts": 4}, 4),
-        (transient(), {"transient_max_attempts": 3}, 3),
-        (transient(ErrorVariant.UNKNOWN), {"transient_max_attempts": 2}, 2),
+        (throttled(), FailureKind.THROTTLED),
+        (internal_error(), FailureKind.TRANSIENT),
+        (invalid(), FailureKind.PERMANENT),
+        (MalformedEventError(ErrorVariant.MALFORMED, "NotJson"), FailureKind.PERMANENT),
+        (SlowDownError(ErrorVariant.UNKNOWN, "SlowDown"), FailureKind.THROTTLED),
+        (GatewayError(ErrorVariant.UNKNOWN, "BadGateway"), FailureKind.TRANSIENT),
+        (StrangeError(ErrorVariant.UNKNOWN, "Strange"), FailureKind.PERMANENT),
+        (StrangePermanentError(ErrorVariant.UNKNOWN, "Strange"), FailureKind.PERMANENT),
     ],
-    ids=["throttled", "internal-service", "transport"],
+    ids=lambda value: type(value).__name__ if isinstance(value, EventFailure) else str(value),
 )
-async def test_loop_retries_a_transient_failure_until_the_attempt_budget_then_reraises_it(
-    failure: EventFailure, budget: dict[str, int], expected_calls: int
+def test_a_failure_takes_the_kind_of_its_nearest_class_in_the_table(
+    failure: EventFailure, kind: FailureKind
 ) -> None:
-    policy = fast_policy(**budget)
-    calls: list[int] = []
-
-    with pytest.raises(type(failure)) as caught:
-        await run_calls(policy, [failure], calls)
-
-    assert caught.value is failure
-    assert calls == list(range(1, expected_calls + 1))
+    assert kind_of(failure, ACCEPTED) is kind
+    assert kind_of(failure, SUSPECT) is kind  # the verdict only ever concerns refusals
 
 
-async def test_loop_calls_a_permanent_failure_exactly_once() -> None:
-    failure = permanent()
-    calls: list[int] = []
-
-    with pytest.raises(PermanentApiError) as caught:
-        await run_calls(fast_policy(), [failure], calls)
-
-    assert calls == [1]
-    assert caught.value is failure
+@pytest.mark.parametrize("failure", [refused(), RevokedKeyError(ErrorVariant.UNKNOWN, "Revoked")])
+def test_a_refusal_of_the_caller_is_held_only_while_the_account_looks_refused(
+    failure: EventFailure,
+) -> None:
+    assert kind_of(failure, SUSPECT) is FailureKind.HELD
+    assert kind_of(failure, ACCEPTED) is FailureKind.PERMANENT
 
 
-async def test_loop_calls_an_unexpected_exception_exactly_once() -> None:
-    calls: list[int] = []
-
-    with pytest.raises(RuntimeError):
-        await run_calls(fast_policy(), [RuntimeError("bug")], calls)
-
-    assert calls == [1]
-
-
-async def test_loop_stops_as_soon_as_a_call_succeeds() -> None:
-    policy = fast_policy(throttle_max_attempts=10)
-    calls: list[int] = []
-
-    await run_calls(policy, [throttled(), transient(), None], calls)
-
-    assert calls == [1, 2, 3]
-
-
-async def test_loop_makes_one_call_when_the_first_succeeds() -> None:
-    calls: list[int] = []
-
-    await run_calls(fast_policy(), [None], calls)
-
-    assert calls == [1]
+@pytest.mark.parametrize(
+    ("code", "status", "kind"),
+    [
+        ("AccessDeniedException", 429, FailureKind.THROTTLED),
+        ("TooManyRequestsException", 429, FailureKind.THROTTLED),
+        ("AccessDeniedException", 503, FailureKind.TRANSIENT),
+        ("ServiceUnavailableException", 503, FailureKind.TRANSIENT),
+        ("AccessDeniedException", 403, FailureKind.HELD),
+        ("ThrottlingException", 400, FailureKind.PERMANENT),
+        ("InvalidRequestException", 400, FailureKind.PERMANENT),
+    ],
+)
+def test_connects_status_decides_the_kind_whatever_the_code(
+    code: str, status: int, kind: FailureKind
+) -> None:
+    # Seen by an account that looks refused everywhere, so that a refusal shows as held.
+    assert kind_of(translate_error(client_error(code, status)), SUSPECT) is kind
 
 
-async def test_loop_stops_when_the_time_budget_is_spent() -> None:
-    # Given a generous attempt budget but a 0.2 s time budget, and calls of 0.05 s each
-    policy = fast_policy(transient_max_attempts=100, transient_max_seconds=0.2)
-    calls = 0
-    charge = Charge()
-
-    with pytest.raises(TransientApiError):
-        async for attempt in policy.retrying(charge):
-            with attempt:
-                calls += 1
-                charge.attempts += 1
-                await asyncio.sleep(0.05)
-                raise transient()
-
-    assert 2 <= calls <= 5
+# --- the decision ------------------------------------------------------------------------------
 
 
-async def test_loop_reports_each_wait_to_before_sleep() -> None:
-    policy = fast_policy(throttle_max_attempts=3)
-    sleeps: list[int] = []
+def test_a_throttle_is_retried_until_the_attempt_budget_is_charged() -> None:
+    rules = policy(throttle_max_attempts=3)
 
-    def note(state: RetryCallState) -> None:
-        sleeps.append(state.attempt_number)
-
-    charge = Charge()
-    with pytest.raises(ThrottledApiError):
-        async for attempt in policy.retrying(charge, before_sleep=note):
-            with attempt:
-                charge.attempts += 1
-                raise throttled()
-
-    assert sleeps == [1, 2]
+    assert rules.decide(throttled(), spent(calls=1), ACCEPTED).action is Action.RETRY
+    assert rules.decide(throttled(), spent(calls=2), ACCEPTED).action is Action.RETRY
+    assert rules.decide(throttled(), spent(calls=3), ACCEPTED) == Decision(
+        Action.STOP, FailureKind.THROTTLED
+    )
 
 
-async def test_loop_switches_rule_when_the_failure_changes() -> None:
-    # A throttle followed by an AccessDenied: the permanent failure ends the loop at once.
-    policy = fast_policy(throttle_max_attempts=10)
+def test_a_throttle_is_retried_until_the_seconds_budget_is_charged() -> None:
+    rules = policy(throttle_max_attempts=100, throttle_max_seconds=30.0)
 
-    calls: list[int] = []
+    assert rules.decide(throttled(), spent(seconds=29.99), ACCEPTED).action is Action.RETRY
+    assert rules.decide(throttled(), spent(seconds=30.0), ACCEPTED).action is Action.STOP
 
-    with pytest.raises(PermanentApiError):
-        await run_calls(policy, [throttled(), permanent()], calls)
 
-    assert calls == [1, 2]
+def test_a_transient_failure_is_retried_within_its_own_budget() -> None:
+    rules = policy(transient_max_attempts=2, transient_max_seconds=10.0, throttle_max_attempts=9)
+
+    assert rules.decide(internal_error(), spent(calls=1), ACCEPTED).action is Action.RETRY
+    assert rules.decide(internal_error(), spent(calls=2), ACCEPTED).action is Action.STOP
+    assert rules.decide(internal_error(), spent(seconds=10.0), ACCEPTED).action is Action.STOP
+
+
+def test_only_charged_attempts_count_against_the_budget() -> None:
+    # Five calls made, of which two were probes: three attempts charged, within a budget of 4.
+    rules = policy(transient_max_attempts=4)
+
+    decision = rules.decide(internal_error(), spent(calls=5, attempts=3), ACCEPTED)
+
+    assert decision.action is Action.RETRY
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [invalid(), MalformedEventError(ErrorVariant.MALFORMED, "NotJson"), refused()],
+    ids=["invalid-request", "malformed", "refused-while-others-pass"],
+)
+def test_a_permanent_failure_stops_at_its_first_attempt(failure: EventFailure) -> None:
+    decision = policy().decide(failure, spent(calls=1), ACCEPTED)
+
+    assert decision == Decision(Action.STOP, FailureKind.PERMANENT)
+    assert decision.charged
+
+
+def test_a_refusal_while_the_account_looks_refused_is_held_and_never_charged() -> None:
+    # However much the event has spent, it waits for the account instead of being dead-lettered.
+    decision = policy().decide(refused(), spent(calls=10_000, seconds=10_000.0), SUSPECT)
+
+    assert decision.action is Action.HOLD
+    assert decision.kind is FailureKind.HELD
+    assert not decision.charged
+
+
+@pytest.mark.parametrize("failure", [throttled(), internal_error()], ids=["throttled", "transient"])
+def test_retries_are_charged(failure: EventFailure) -> None:
+    assert policy().decide(failure, spent(), SUSPECT).charged
+
+
+def test_the_wait_grows_with_the_calls_made_held_ones_included() -> None:
+    rules = policy()  # 1, 2, 4, 8 s, capped at 8
+
+    waits = [rules.decide(internal_error(), spent(calls=n), ACCEPTED).wait for n in (1, 2, 3, 4, 5)]
+    held = rules.decide(refused(), spent(calls=4, attempts=0), SUSPECT).wait
+
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert held == 8.0
+
+
+def test_the_configured_backoff_is_full_jitter_exponential() -> None:
+    settings = WorkerSettings(backoff_base_seconds=0.5, backoff_max_seconds=3.0)
+    rules = RetryPolicy.from_settings(settings)
+
+    for calls, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)]:
+        waits = [rules.backoff(calls) for _ in range(300)]
+        assert all(0.0 <= wait <= ceiling for wait in waits), calls
+        assert max(waits) > ceiling / 2, calls  # spread over the whole window
+        assert len(set(waits)) > 250, calls  # jittered, not fixed
+
+
+def test_from_settings_uses_the_configured_budgets() -> None:
+    rules = RetryPolicy.from_settings(WorkerSettings(throttle_max_attempts=2))
+
+    assert rules.decide(throttled(), spent(calls=1), ACCEPTED).action is Action.RETRY
+    assert rules.decide(throttled(), spent(calls=2), ACCEPTED).action is Action.STOP
+
+
+@given(
+    kind=st.sampled_from(["throttled", "transient", "invalid", "refused"]),
+    verdict=st.sampled_from(list(AccountVerdict)),
+    calls=st.integers(1, 50),
+    probes=st.integers(0, 50),
+    seconds=st.floats(0.0, 1000.0),
+)
+def test_no_decision_retries_past_its_budget_or_stops_a_held_event(
+    kind: str, verdict: AccountVerdict, calls: int, probes: int, seconds: float
+) -> None:
+    failure = {
+        "throttled": throttled(),
+        "transient": internal_error(),
+        "invalid": invalid(),
+        "refused": refused(),
+    }[kind]
+    settings = WorkerSettings(
+        throttle_max_attempts=5,
+        throttle_max_seconds=60.0,
+        transient_max_attempts=3,
+        transient_max_seconds=20.0,
+    )
+    rules = RetryPolicy(retry_table(settings), wait_exponential(max=8))
+    charged = max(0, calls - probes)
+
+    decision = rules.decide(failure, Spent(calls, charged, seconds), verdict)
+
+    budget = {"throttled": (5, 60.0), "transient": (3, 20.0)}.get(kind)
+    if decision.action is Action.RETRY:
+        assert budget is not None and charged < budget[0] and seconds < budget[1]
+    assert (decision.action is Action.HOLD) == (kind == "refused" and verdict is SUSPECT)
+    assert 0.0 <= decision.wait <= 8.0

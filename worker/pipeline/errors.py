@@ -1,8 +1,9 @@
 """The error variants that key the dead-letter queues, and the one translation from botocore.
 
-Each failure is an exception whose class says how it may be retried (throttled, transient,
-permanent) and whose `variant` says which dead-letter queue it ends in. botocore's errors are
-translated here and nowhere else.
+Each failure is an exception whose class says what kind of failure it is (throttled, transient,
+permanent, or a refusal of the caller) and whose `variant` says which dead-letter queue it ends
+in. botocore's errors are translated here and nowhere else: the HTTP status chooses the class,
+the code chooses the variant. What each class means for a retry is `policy`'s table.
 """
 
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ _MODELLED_CODES = frozenset(
 )
 
 # Codes that say the caller, not the event, is refused: wrong role, Region or credentials.
-ACCOUNT_ERROR_CODES = frozenset(
+CALLER_REFUSED_CODES = frozenset(
     {
         "AccessDeniedException",
         "UnrecognizedClientException",
@@ -97,13 +98,8 @@ class ThrottledApiError(TransientApiError):
     """Connect answered 429: the shared quota is exhausted for now."""
 
 
-class AccountSuspectError(EventFailure):
-    """Access was refused while nothing else got through: likely the account, not the event."""
-
-
-def is_account_error(failure: EventFailure) -> bool:
-    """Return True when a failure refuses the caller rather than the event."""
-    return isinstance(failure, PermanentApiError) and failure.code in ACCOUNT_ERROR_CODES
+class CallerRefusedError(PermanentApiError):
+    """Connect refused the caller (role, Region, credentials), not this event's content."""
 
 
 def variant_for_code(code: str) -> ErrorVariant:
@@ -114,8 +110,9 @@ def variant_for_code(code: str) -> ErrorVariant:
 def translate_error(error: Exception) -> EventFailure:
     """Translate what the aiobotocore call raised into a failure the policy understands.
 
-    The HTTP status decides retryability whatever the code says (any 429 is a throttle, any
-    5xx is transient), while the code alone decides the dead-letter variant.
+    The HTTP status decides the class whatever the code says (any 429 is a throttle, any 5xx
+    or transport failure is transient; otherwise a code that refuses the caller is a caller
+    refusal, any other permanent), while the code alone decides the dead-letter variant.
     """
     if isinstance(error, ClientError):
         return _translate_client_error(error)
@@ -125,7 +122,13 @@ def translate_error(error: Exception) -> EventFailure:
         failure.ambiguous = isinstance(error, ReadTimeoutError | ConnectionClosedError)
         return failure
     # Missing credentials or region, a parser failure, a bug: nothing a retry would fix.
-    return PermanentApiError(ErrorVariant.UNKNOWN, type(error).__name__, str(error))
+    code = type(error).__name__
+    return _permanent_class(code)(ErrorVariant.UNKNOWN, code, str(error))
+
+
+def _permanent_class(code: str) -> type[PermanentApiError]:
+    """Return the class of a permanent failure: a refusal of the caller, or of the event."""
+    return CallerRefusedError if code in CALLER_REFUSED_CODES else PermanentApiError
 
 
 def _translate_client_error(error: ClientError) -> EventFailure:
@@ -136,7 +139,7 @@ def _translate_client_error(error: ClientError) -> EventFailure:
     code = str(details.get("Code") or "Unknown")
     status = metadata.get("HTTPStatusCode")
     reason = response.get("Reason")
-    kind: type[EventFailure] = PermanentApiError
+    kind: type[EventFailure] = _permanent_class(code)
     if status == 429:
         kind = ThrottledApiError
     elif isinstance(status, int) and status >= 500:

@@ -2,8 +2,10 @@
 
 Every attempt passes the outage breaker (Connect down), the account breaker (the caller is
 refused everywhere), then the rate limiter. Each answer is reported back to all three. Time a
-call spends waiting here is not charged to its message's retry budget, and neither are probes
-nor attempts refused for a suspected account-wide reason.
+call spends waiting here is not charged to its message's retry budget, and neither are probes.
+
+The guard reports what it knows and decides nothing about the event: whether refusals of the
+caller currently look account-wide is its `account_verdict`, an input of `policy`'s decision.
 
 The guard also knows which calls are on the wire and which tasks only wait (for a breaker, the
 limiter, their conversation's turn, a backoff): at shutdown it ends every wait at once, since
@@ -16,24 +18,33 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any, TypeVar
 
 from worker.pipeline.breaker import Breaker
 from worker.pipeline.errors import (
-    AccountSuspectError,
+    CallerRefusedError,
     EventFailure,
     ThrottledApiError,
     TransientApiError,
-    is_account_error,
 )
 from worker.pipeline.rate_limiter import AdaptiveRateLimiter
 
 T = TypeVar("T")
 
 
+def utc_now() -> datetime:
+    """Return the wall-clock time, in UTC."""
+    return datetime.now(UTC)
+
+
 @dataclass
 class Attempts:
-    """Count one message's calls: all of them, and those charged to its retry budget."""
+    """Count one message's calls: all of them, and those charged to its retry budget.
+
+    `clock` (monotonic seconds) and `utc_clock` are injected so that rules about time are
+    tested without sleeping; the worker uses the real ones.
+    """
 
     calls: int = 0
     charged: int = 0
@@ -41,20 +52,45 @@ class Attempts:
     waited: float = 0.0
     first_at: datetime | None = None
     first_monotonic: float | None = None
-    received_monotonic: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    utc_clock: Callable[[], datetime] = field(default=utc_now, repr=False, compare=False)
+    received_monotonic: float = field(init=False)
+    _last_charged: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.received_monotonic = self.clock()
 
     def record_call(self) -> None:
         """Note one more call."""
         self.calls += 1
         if self.first_at is None:
-            self.first_at = datetime.now(UTC)
-            self.first_monotonic = time.monotonic()
+            self.first_at = self.utc_clock()
+            self.first_monotonic = self.clock()
+
+    def record_answer(self, probe: bool) -> None:
+        """Charge an answered call to the retry budget, unless it was a breaker's probe."""
+        self._last_charged = not probe
+        self.charged += self._last_charged
+
+    def forgive_last(self) -> None:
+        """Take the last answered call off the budget: the event was held, not at fault."""
+        self.charged -= self._last_charged
+        self._last_charged = False
 
     def budget_seconds(self) -> float:
         """Return the time spent since the first call, less the time spent held back."""
         if self.first_monotonic is None:
             return 0.0
-        return max(0.0, time.monotonic() - self.first_monotonic - self.waited)
+        return max(0.0, self.clock() - self.first_monotonic - self.waited)
+
+
+class AccountVerdict(Enum):
+    """What the guard can tell about the account when Connect refuses the caller."""
+
+    ACCEPTED = "accepted"
+    """Some call got past authentication lately: a refusal concerns that event alone."""
+    SUSPECT = "suspect"
+    """Nothing got past authentication lately: refusals look account-wide."""
 
 
 @dataclass
@@ -75,12 +111,14 @@ class CallGuard:
         account: Breaker,
         account_memory_seconds: float,
         observer: CallObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limiter = limiter
         self.outage = outage
         self.account = account
         self._account_memory = account_memory_seconds
         self._observer = observer or CallObserver()
+        self._clock = clock
         self._last_accepted = -float("inf")
         self._closed = False
         self.sending: set[asyncio.Task[Any]] = set()
@@ -128,8 +166,11 @@ class CallGuard:
             raise asyncio.CancelledError("the worker is shutting down")
 
     async def call(self, send: Callable[[], Awaitable[T]], attempts: Attempts) -> T:
-        """Wait for the breakers and the limiter, make the call, and learn from its answer."""
-        started = time.monotonic()
+        """Wait for the breakers and the limiter, make the call, and learn from its answer.
+
+        A failure is raised as Connect's answer made it; what follows is the policy's call.
+        """
+        started = self._clock()
         outage_probe = account_probe = False
         try:
             self._refuse_if_closed()
@@ -138,21 +179,33 @@ class CallGuard:
                 account_probe = await self.account.admit()
                 sent_at = await self.limiter.acquire()
             self._refuse_if_closed()
-            attempts.waited += time.monotonic() - started
+            sent = self._clock()
+            attempts.waited += sent - started
             attempts.record_call()
             result = await self._send(send)
         except EventFailure as failure:
-            self._observer.on_answer(failure.code, time.monotonic() - sent_at)
+            self._observer.on_answer(failure.code, self._clock() - sent)
             self._learn_from_failure(failure, sent_at, outage_probe, account_probe, attempts)
-            raise self._reclassify(failure) from failure
+            attempts.record_answer(probe=outage_probe or account_probe)
+            raise
         except BaseException:
             self._abandon(outage_probe, account_probe)
             raise
-        self._observer.on_answer("ok", time.monotonic() - sent_at)
+        self._observer.on_answer("ok", self._clock() - sent)
         self._learn_accepted()
         self.limiter.on_success()
-        attempts.charged += not (outage_probe or account_probe)
+        attempts.record_answer(probe=outage_probe or account_probe)
         return result
+
+    def account_verdict(self) -> AccountVerdict:
+        """Say whether refusals of the caller look account-wide now.
+
+        Today's rule: they do when nothing got past authentication within the account memory
+        (`account_memory_seconds`). This is the one place that judges it.
+        """
+        if self._clock() - self._last_accepted < self._account_memory:
+            return AccountVerdict.ACCEPTED
+        return AccountVerdict.SUSPECT
 
     async def _send(self, send: Callable[[], Awaitable[T]]) -> T:
         """Make the call, noting the task as on the wire meanwhile (shutdown lets it finish)."""
@@ -174,7 +227,6 @@ class CallGuard:
         attempts: Attempts,
     ) -> None:
         """Tell the limiter and breakers what this failure says about Connect and the account."""
-        charged = not (outage_probe or account_probe)
         if isinstance(failure, ThrottledApiError):
             # A throttle says nothing about an outage: neither ends a failure streak nor
             # answers a probe (another call probes). It does prove the caller authenticated.
@@ -189,22 +241,13 @@ class CallGuard:
             if failure.ambiguous:
                 attempts.ambiguous += 1
                 self._observer.on_ambiguous()
-        elif is_account_error(failure):
+        elif isinstance(failure, CallerRefusedError):
             # Connect answered, but a refusal never proves the account works.
             self.outage.record_success()
-            if not self._accepted_recently():
+            if self.account_verdict() is AccountVerdict.SUSPECT:
                 self.account.record_failure(account_probe)
-                charged = False
         else:
             self._learn_accepted()
-        attempts.charged += charged
-
-    def _reclassify(self, failure: EventFailure) -> EventFailure:
-        """Turn an account-wide refusal into a failure that holds the event instead."""
-        if is_account_error(failure) and not self._accepted_recently():
-            suspect = AccountSuspectError(**_fields(failure))
-            return suspect
-        return failure
 
     def _learn_accepted(self) -> None:
         """Note that Connect answered this caller: up, and the account accepted."""
@@ -213,12 +256,8 @@ class CallGuard:
 
     def _note_authenticated(self) -> None:
         """Note that a call got past authentication: the account works."""
-        self._last_accepted = max(self._last_accepted, time.monotonic())
+        self._last_accepted = max(self._last_accepted, self._clock())
         self.account.record_success()
-
-    def _accepted_recently(self) -> bool:
-        """Return True when some call got past authentication within the memory window."""
-        return time.monotonic() - self._last_accepted < self._account_memory
 
     def _abandon(self, outage_probe: bool, account_probe: bool) -> None:
         """Free the probe slot of a call that ended without an answer (cancelled)."""
@@ -226,15 +265,3 @@ class CallGuard:
             self.outage.abandon_probe()
         if account_probe:
             self.account.abandon_probe()
-
-
-def _fields(failure: EventFailure) -> dict[str, Any]:
-    """Return a failure's fields, to rebuild it as another class."""
-    return {
-        "variant": failure.variant,
-        "code": failure.code,
-        "message": failure.message,
-        "http_status": failure.http_status,
-        "request_id": failure.request_id,
-        "reason": failure.reason,
-    }

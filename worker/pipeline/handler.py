@@ -1,29 +1,22 @@
 """One message's life: decode -> wait for its turn -> send (with retries) -> settle."""
 
 import asyncio
-from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
-from tenacity import RetryCallState
 
 from worker.metrics import Metrics
 from worker.models import ChatIntegrationEvent, conversation_key
-from worker.observability import short_key
 from worker.pipeline.connect_client import ConnectClient
 from worker.pipeline.decoding import decode
 from worker.pipeline.dedupe import DeliveredLedger, Fingerprint, Verdict
 from worker.pipeline.envelope import FailureContext
-from worker.pipeline.errors import (
-    ErrorVariant,
-    EventFailure,
-    PermanentApiError,
-    ThrottledApiError,
-)
+from worker.pipeline.errors import ErrorVariant, EventFailure, PermanentApiError
 from worker.pipeline.guard import Attempts, CallGuard
 from worker.pipeline.ordering import ConversationLines, Outcome
 from worker.pipeline.policy import RetryPolicy
+from worker.pipeline.sending import Sender
 from worker.pipeline.settlement import Settler
 
 
@@ -43,13 +36,11 @@ class MessageHandler:
         max_body_bytes: int,
         log: Any,
     ) -> None:
-        self._client = client
-        self._policy = policy
+        self._sender = Sender(client, policy, guard, metrics, log, self._remember_delivered)
         self._guard = guard
         self._settler = settler
         self._metrics = metrics
         self._ledger = ledger
-        self._background: set[asyncio.Future[None]] = set()
         self._lines = ConversationLines()
         self._worker_id = worker_id
         self._max_body_bytes = max_body_bytes
@@ -92,7 +83,7 @@ class MessageHandler:
             self._log.info("event.duplicate_skipped", message_id=message.message_id)
             return Outcome.SETTLED if await self._settler.settle(message) else Outcome.HANDED_BACK
         try:
-            await self._send(event, attempts, message)
+            await self._sender.send(event, message, attempts)
         except EventFailure as failure:
             acked = await self._dead_letter(message, failure, attempts, queue_name)
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
@@ -106,91 +97,6 @@ class MessageHandler:
             await self._remember_delivered(message)
             acked = await self._settler.settle(message)
         return Outcome.SETTLED if acked else Outcome.HANDED_BACK
-
-    async def _send(
-        self, event: ChatIntegrationEvent, attempts: Attempts, message: AbstractIncomingMessage
-    ) -> None:
-        """Call Connect until it succeeds or the retry policy gives up (then raise).
-
-        The first call is made directly: most events need no retry, and a tenacity loop per
-        message leaves reference cycles that only the garbage collector frees (measured: most
-        of the worker's overhead over the bare libraries). Retries go through tenacity.
-        """
-        try:
-            await self._guard.call(lambda: self._call(event, message), attempts)
-        except EventFailure as failure:
-            if not self._policy.should_retry(failure, attempts.charged, attempts.budget_seconds()):
-                raise
-            wait = self._policy.first_wait()
-            self._note_retry(failure, attempts, message, wait)
-            await self._guard.hold(lambda: asyncio.sleep(wait))
-            await self._retry(event, attempts, message)
-        self._log.debug("event.delivered", message_id=message.message_id, calls=attempts.calls)
-
-    async def _retry(
-        self, event: ChatIntegrationEvent, attempts: Attempts, message: AbstractIncomingMessage
-    ) -> None:
-        """Retry with tenacity until success or the budget is spent (then raise)."""
-
-        def before_retry(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            self._note_retry(error, attempts, message, state.upcoming_sleep)
-
-        def charged() -> tuple[int, float]:
-            return attempts.charged, attempts.budget_seconds()
-
-        def backoff(seconds: float) -> Awaitable[None]:
-            return self._guard.hold(lambda: asyncio.sleep(seconds))
-
-        retrying = self._policy.retrying(charged, before_sleep=before_retry, sleep=backoff)
-        async for attempt in retrying:
-            with attempt:
-                await self._guard.call(lambda: self._call(event, message), attempts)
-
-    def _note_retry(
-        self,
-        error: BaseException | None,
-        attempts: Attempts,
-        message: AbstractIncomingMessage,
-        sleep: float,
-    ) -> None:
-        """Count and log a retry."""
-        reason = "throttled" if isinstance(error, ThrottledApiError) else "transient"
-        self._metrics.retries.labels(reason=reason).inc()
-        self._log.debug(
-            "event.retrying",
-            message_id=message.message_id,
-            conversation=short_key(message.routing_key),
-            attempt=attempts.calls,
-            error_code=getattr(error, "code", None),
-            sleep=round(sleep, 3),
-        )
-
-    async def _call(
-        self, event: ChatIntegrationEvent, message: AbstractIncomingMessage
-    ) -> dict[str, Any]:
-        """Call Connect once; if this task is cancelled meanwhile, let the call finish.
-
-        The channel's closing (a cut connection) cancels the handler while the request may
-        already be on the wire. The call is left to complete and, if Connect accepts it, the
-        ledger learns so, and skips the redelivery instead of sending the event twice.
-        """
-        call = asyncio.ensure_future(self._client.send(event))
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            call.add_done_callback(lambda done: self._remember_if_accepted(done, message))
-            raise
-
-    def _remember_if_accepted(
-        self, call: "asyncio.Future[dict[str, Any]]", message: AbstractIncomingMessage
-    ) -> None:
-        """Record an abandoned call that Connect accepted (its failure needs nothing)."""
-        if not call.cancelled() and call.exception() is None:
-            self._metrics.delivered.inc()
-            task = asyncio.ensure_future(self._remember_delivered(message))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
 
     async def _already_delivered(self, message: AbstractIncomingMessage) -> bool:
         """Return True when the ledger says this very event was delivered; never raise.

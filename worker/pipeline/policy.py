@@ -1,124 +1,160 @@
-"""What is retried, how often and how long: one table, looked up once per failure.
+"""What follows a failed call: retry after how long, hold, or stop. One table, one decision.
 
-Precedence: the failure's class first, which `errors.translate_error` chose from the HTTP status
-(any 429 follows the ThrottlingException rule, any 5xx or transport failure the
-InternalServiceException rule, anything permanent is never retried), then the variant's rule.
+A failure's kind is the row of its nearest class in `FAILURE_KINDS`, found along the class
+hierarchy (`errors.translate_error` chose the class from Connect's answer), so a new subclass
+falls to its nearest base. The kind, not the variant, picks the rule in the table that
+`retry_table` builds from the settings; the variant only names the dead-letter queue.
+
+- throttled (any 429): retried within the throttle budget; the limiter slows the pace meanwhile.
+- transient (any 5xx, a transport failure): retried within the transient budget.
+- held (the caller refused while the guard's `AccountVerdict` says every call is): retried
+  without a budget and never charged; the account breaker paces the attempts, and the worker
+  hands the event back at shutdown.
+- permanent (anything else, a refusal while other calls get through included): dead-lettered.
+
+Budgets count what was charged to the message: probes and time held back by the guard are not.
+Waits are full-jitter exponential backoff (tenacity's `wait_random_exponential`).
 """
 
-import asyncio
-import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum, StrEnum
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+from tenacity import RetryCallState, Retrying, wait_random_exponential
+from tenacity.wait import WaitBaseT
 
 from worker.pipeline.errors import (
-    AccountSuspectError,
-    ErrorVariant,
+    CallerRefusedError,
     EventFailure,
-    MalformedEventError,
-    PermanentApiError,
     ThrottledApiError,
     TransientApiError,
 )
+from worker.pipeline.guard import AccountVerdict
 from worker.settings import WorkerSettings
+
+
+class FailureKind(StrEnum):
+    """What a failure says about retrying it; the key of the retry table."""
+
+    THROTTLED = "throttled"
+    """Connect's shared quota is exhausted for now."""
+    TRANSIENT = "transient"
+    """Connect or the network failed in a way a later attempt may not."""
+    HELD = "held"
+    """The caller is refused while every call seems to be: the account, not the event."""
+    PERMANENT = "permanent"
+    """A retry will not change the answer."""
+
+
+class Action(Enum):
+    """What a decision tells the sender to do."""
+
+    RETRY = "retry"
+    """Call again after the wait, charging the budget."""
+    HOLD = "hold"
+    """Call again after the wait, when the account breaker lets it; charge nothing."""
+    STOP = "stop"
+    """Give up: the failure is dead-lettered."""
+
+
+FAILURE_KINDS: Mapping[type[EventFailure], FailureKind] = {
+    ThrottledApiError: FailureKind.THROTTLED,
+    TransientApiError: FailureKind.TRANSIENT,
+    CallerRefusedError: FailureKind.HELD,  # permanent while the account verdict is ACCEPTED
+    EventFailure: FailureKind.PERMANENT,
+}
+"""The kind of each failure class; a class not listed takes its nearest listed base's."""
 
 
 @dataclass(frozen=True)
 class RetryRule:
-    """How a kind of failure is retried; `max_attempts` counts every call, the first included."""
+    """How a kind of failure is handled; `max_attempts` counts every charged call."""
 
-    retry: bool
-    max_attempts: int = 1
-    max_seconds: float = 0.0
-
-
-NEVER = RetryRule(retry=False)
-# An event refused while the whole account seems refused is held, not dead-lettered: the
-# account breaker paces its attempts, and the worker hands it back before consumer_timeout.
-HOLD = RetryRule(retry=True, max_attempts=2**31, max_seconds=float("inf"))
+    action: Action
+    max_attempts: float = float("inf")
+    max_seconds: float = float("inf")
 
 
-def retry_table(settings: WorkerSettings) -> Mapping[ErrorVariant, RetryRule]:
-    """Build the variant -> rule table from the configured budgets."""
-    throttled = RetryRule(True, settings.throttle_max_attempts, settings.throttle_max_seconds)
-    transient = RetryRule(True, settings.transient_max_attempts, settings.transient_max_seconds)
+@dataclass(frozen=True)
+class Spent:
+    """What one message has spent: calls made, and the attempts and seconds charged."""
+
+    calls: int
+    attempts: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to a failed call: what to do, after how many seconds, and why."""
+
+    action: Action
+    kind: FailureKind
+    wait: float = 0.0
+
+    @property
+    def charged(self) -> bool:
+        """Return True when the failed call counts against the message's budget."""
+        return self.action is not Action.HOLD
+
+
+def retry_table(settings: WorkerSettings) -> Mapping[FailureKind, RetryRule]:
+    """Build the kind -> rule table from the configured budgets."""
     return {
-        ErrorVariant.THROTTLING: throttled,
-        ErrorVariant.INTERNAL_SERVICE: transient,
-        ErrorVariant.ACCESS_DENIED: NEVER,
-        ErrorVariant.INVALID_REQUEST: NEVER,
-        ErrorVariant.RESOURCE_NOT_FOUND: NEVER,
-        ErrorVariant.UNKNOWN: NEVER,
-        ErrorVariant.MALFORMED: NEVER,
+        FailureKind.THROTTLED: RetryRule(
+            Action.RETRY, settings.throttle_max_attempts, settings.throttle_max_seconds
+        ),
+        FailureKind.TRANSIENT: RetryRule(
+            Action.RETRY, settings.transient_max_attempts, settings.transient_max_seconds
+        ),
+        FailureKind.HELD: RetryRule(Action.HOLD),
+        FailureKind.PERMANENT: RetryRule(Action.STOP),
     }
 
 
-class RetryPolicy:
-    """Decide whether a failed call is tried again, and build the tenacity loop that does it."""
+def kind_of(failure: EventFailure, account: AccountVerdict) -> FailureKind:
+    """Return the kind of a failure: the row of the nearest class in its hierarchy.
 
-    def __init__(
-        self, table: Mapping[ErrorVariant, RetryRule], backoff_base: float, backoff_max: float
-    ) -> None:
+    A refusal of the caller is held only while the account looks refused everywhere; while
+    other calls get past authentication, it is this event's own refusal, and permanent.
+    """
+    kind = next(FAILURE_KINDS[cls] for cls in type(failure).__mro__ if cls in FAILURE_KINDS)
+    if kind is FailureKind.HELD and account is AccountVerdict.ACCEPTED:
+        return FailureKind.PERMANENT
+    return kind
+
+
+class RetryPolicy:
+    """Decide what follows a failed call, from the table and a backoff strategy."""
+
+    def __init__(self, table: Mapping[FailureKind, RetryRule], backoff: WaitBaseT) -> None:
         self._table = table
-        self._backoff_base = backoff_base
-        self._backoff_max = backoff_max
+        self._backoff = backoff
+        self._retrying = Retrying(wait=backoff)  # only what a RetryCallState must name
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> "RetryPolicy":
-        """Build the policy the settings describe."""
-        return cls(
-            retry_table(settings), settings.backoff_base_seconds, settings.backoff_max_seconds
+        """Build the policy the settings describe: their budgets, full-jitter backoff."""
+        backoff = wait_random_exponential(
+            multiplier=settings.backoff_base_seconds, max=settings.backoff_max_seconds
         )
+        return cls(retry_table(settings), backoff)
 
-    def rule_for(self, failure: BaseException) -> RetryRule:
-        """Return the rule that governs a failure (status before variant, see module doc)."""
-        if isinstance(failure, AccountSuspectError):
-            return HOLD
-        if isinstance(failure, ThrottledApiError):
-            return self._table[ErrorVariant.THROTTLING]
-        if isinstance(failure, TransientApiError):
-            return self._table[ErrorVariant.INTERNAL_SERVICE]
-        if isinstance(failure, PermanentApiError | MalformedEventError):
-            return NEVER
-        if isinstance(failure, EventFailure):
-            return self._table.get(failure.variant, NEVER)
-        return NEVER
+    def decide(self, failure: EventFailure, spent: Spent, account: AccountVerdict) -> Decision:
+        """Decide on a failed call: retry or hold after a backoff, or stop.
 
-    def should_retry(self, failure: BaseException, attempts: int, elapsed: float) -> bool:
-        """Return True while the failure is retryable and its budget is not spent.
-
-        `attempts` and `elapsed` are what was charged to the message: probes and time held
-        back by the breakers and the rate limiter are not.
+        `spent` includes the failed call; `account` is the guard's verdict on refusals.
         """
-        rule = self.rule_for(failure)
-        return rule.retry and attempts < rule.max_attempts and elapsed < rule.max_seconds
+        kind = kind_of(failure, account)
+        rule = self._table[kind]
+        within_budget = spent.attempts < rule.max_attempts and spent.seconds < rule.max_seconds
+        if rule.action is Action.STOP or not within_budget:
+            return Decision(Action.STOP, kind)
+        return Decision(rule.action, kind, self.backoff(spent.calls))
 
-    def first_wait(self) -> float:
-        """Return the full-jitter wait before the first retry, as the tenacity loop's first."""
-        return random.uniform(0, min(self._backoff_base, self._backoff_max))
-
-    def retrying(
-        self,
-        charged: Callable[[], tuple[int, float]],
-        before_sleep: Callable[[RetryCallState], None] | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> AsyncRetrying:
-        """Return a tenacity loop: full-jitter exponential backoff, stopped by the budget.
-
-        `charged` returns the attempts and seconds charged to the message so far; `sleep`
-        waits out a backoff (the worker's ends at once at shutdown).
-        """
-
-        def budget_spent(state: RetryCallState) -> bool:
-            error = state.outcome.exception() if state.outcome else None
-            return error is None or not self.should_retry(error, *charged())
-
-        return AsyncRetrying(
-            before_sleep=before_sleep,
-            retry=retry_if_exception(lambda error: self.rule_for(error).retry),
-            stop=budget_spent,
-            wait=wait_random_exponential(multiplier=self._backoff_base, max=self._backoff_max),
-            reraise=True,
-            sleep=sleep,
-        )
+    def backoff(self, calls: int) -> float:
+        """Return the wait after the `calls`-th call failed (after the first: up to the base)."""
+        # tenacity's wait strategies read the number of the failed attempt off a retry state.
+        state = RetryCallState(self._retrying, fn=None, args=(), kwargs={})
+        state.attempt_number = calls
+        return float(self._backoff(state))
