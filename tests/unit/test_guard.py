@@ -5,6 +5,7 @@ Real breakers and a real limiter; `send` is a fake coroutine that answers or rai
 """
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ import pytest
 from botocore.exceptions import ReadTimeoutError
 
 from tests.unit.failures import access_denied, internal_error, invalid_request, throttled
+from tests.unit.fake_clock import FakeClock
 from worker.pipeline.breaker import Breaker, BreakerState
 from worker.pipeline.errors import (
     EventFailure,
@@ -42,16 +44,6 @@ def recording(sent: list[str]) -> Callable[[], Awaitable[str]]:
         return "ok"
 
     return send
-
-
-class FakeClock:
-    """A monotonic clock that moves only when a test moves it."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def failing(failure: Exception) -> Callable[[], Awaitable[str]]:
@@ -94,7 +86,7 @@ def make_guard(
         Breaker("account", ACCOUNT_THRESHOLD, probe_seconds, probe_seconds * 4),
         account_memory_seconds,
         (observed or Observed()).observer(),
-        **({"clock": clock} if clock else {}),
+        clock=clock or time.monotonic,
     )
 
 

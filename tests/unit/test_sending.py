@@ -14,6 +14,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from tests.unit.failures import access_denied, internal_error, throttled
+from tests.unit.fake_clock import FakeClock
 from worker.metrics import Metrics
 from worker.models import ChatIntegrationEvent
 from worker.pipeline.breaker import Breaker
@@ -141,10 +142,14 @@ async def test_the_failure_is_raised_once_the_budget_is_charged() -> None:
 
 async def test_the_failure_is_raised_once_the_seconds_budget_is_charged() -> None:
     # Given calls that each take 50 s on the event's clock, and a throttle budget of 120 s
-    clock = [1000.0]
+    clock = FakeClock()
     setup = make_setup(*[throttled() for _ in range(9)], throttle_max_seconds=120.0)
-    setup.client.on_call = lambda: clock.__setitem__(0, clock[0] + 50.0)
-    attempts = Attempts(clock=lambda: clock[0])
+
+    def take_50_seconds() -> None:
+        clock.now += 50.0
+
+    setup.client.on_call = take_50_seconds
+    attempts = Attempts(clock=clock)
 
     # When it is sent, then the call that ends 150 s after the first began is the last
     with pytest.raises(ThrottledApiError):
