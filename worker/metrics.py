@@ -9,6 +9,7 @@ through `api_outcome`, `reason` is one of `RETRY_REASONS`, `breaker` one of `BRE
 `queue` the worker's own queue names.
 """
 
+from collections.abc import Iterator
 from typing import Final
 
 from prometheus_client import (
@@ -20,6 +21,8 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from worker import __version__
 from worker.pipeline.errors import ErrorVariant
@@ -78,6 +81,30 @@ def api_outcome(error_code: str | None) -> str:
     if error_code in MODELLED_CODES or error_code in TRANSPORT_ERRORS:
         return error_code
     return OUTCOME_OTHER
+
+
+class OptionalGauge(Collector):
+    """A gauge that has no sample at all while its value is unknown.
+
+    A replica that holds no event has no oldest event: a 0 would read as "the backlog is
+    fresh" while the queue ages behind a paused replica.
+    """
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name = name
+        self._documentation = documentation
+        self.value: float | None = None
+
+    def set(self, value: float | None) -> None:
+        """Set the value, or None to leave the metric without a sample."""
+        self.value = value
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the family, with its sample only while the value is known."""
+        family = GaugeMetricFamily(self._name, self._documentation)
+        if self.value is not None:
+            family.add_metric([], self.value)
+        yield family
 
 
 class Metrics:
@@ -160,11 +187,12 @@ class Metrics:
         # age the most recently taken event had when it was taken (its wait in the queue), so
         # an idle replica does not keep reporting a stale age. The worker refreshes it on take,
         # on settle and on each backlog poll, since a gauge does not age by itself.
-        self.oldest_event_age = self._gauge(
-            "oldest_event_age_seconds",
-            "Age of the oldest event this replica holds, from its AMQP timestamp (else from "
-            "when it was taken); when it holds none, the age the last taken event had when taken.",
+        self.oldest_event_age = OptionalGauge(
+            f"{PREFIX}_oldest_event_age_seconds",
+            "Age of the oldest event this replica holds unsettled, from its AMQP timestamp "
+            "(else from when it was taken); absent while it holds none.",
         )
+        self.registry.register(self.oldest_event_age)
         self.ready = self._gauge("ready", "1 while connected and consuming, else 0.")
 
     def _counter(self, name: str, documentation: str, labels: list[str] | None = None) -> Counter:

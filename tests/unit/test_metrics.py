@@ -146,3 +146,13 @@ def test_api_outcome_cardinality_is_bounded(metrics: Metrics) -> None:
     assert "other" in outcomes
     assert len(outcomes) <= 7
     assert value(metrics, "chat_worker_api_calls_total", outcome="other") == 100.0
+
+
+def test_the_oldest_event_age_has_no_sample_while_nothing_is_held(metrics: Metrics) -> None:
+    # A replica that holds nothing has no oldest event: a 0 would read as a fresh backlog
+    assert metrics.registry.get_sample_value("chat_worker_oldest_event_age_seconds") is None
+    assert b"# TYPE chat_worker_oldest_event_age_seconds gauge" in metrics.render()[0]
+    metrics.oldest_event_age.set(12.5)
+    assert value(metrics, "chat_worker_oldest_event_age_seconds") == 12.5
+    metrics.oldest_event_age.set(None)
+    assert metrics.registry.get_sample_value("chat_worker_oldest_event_age_seconds") is None

@@ -4,7 +4,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from worker.pipeline.ordering import ConversationLines, Outcome, Turn
+from worker.pipeline.ordering import ConversationLines, Outcome
 
 
 async def settle() -> None:
@@ -14,20 +14,21 @@ async def settle() -> None:
 
 
 async def take_turn(
-    turn: Turn,
+    lines: ConversationLines,
+    key: str,
     work: Callable[[], Awaitable[object]],
     outcome: Outcome = Outcome.SETTLED,
 ) -> bool:
-    """Do `work` in the turn like the consumer does; return whether the turn went ahead."""
-    ended = Outcome.HANDED_BACK
-    try:
+    """Do `work` in a turn through the handler's protocol; return whether the turn went ahead.
+
+    Tasks enter their turns in the order they are created, as deliveries do.
+    """
+    with lines.take_turn(key) as turn:
         if not await turn.wait():
             return False
         await work()
-        ended = outcome
+        turn.outcome = outcome
         return True
-    finally:
-        turn.finish(ended)
 
 
 def logged(log: list[str], name: str, seconds: float = 0.0) -> Callable[[], Awaitable[None]]:
@@ -45,13 +46,12 @@ async def test_turns_of_one_conversation_run_one_after_another_in_enter_order() 
     # Given three events of one conversation, the first one slow
     lines = ConversationLines()
     log: list[str] = []
-    turns = [lines.enter("a") for _ in range(3)]
 
     # When they all run at once
     await asyncio.gather(
-        take_turn(turns[0], logged(log, "1", 0.05)),
-        take_turn(turns[1], logged(log, "2")),
-        take_turn(turns[2], logged(log, "3")),
+        take_turn(lines, "a", logged(log, "1", 0.05)),
+        take_turn(lines, "a", logged(log, "2")),
+        take_turn(lines, "a", logged(log, "3")),
     )
 
     # Then each starts only after the previous one ended, in the order they entered
@@ -63,11 +63,11 @@ async def test_different_conversations_run_concurrently() -> None:
     lines = ConversationLines()
     release_a = asyncio.Event()
     log: list[str] = []
-    first_a = asyncio.create_task(take_turn(lines.enter("a"), release_a.wait))
+    first_a = asyncio.create_task(take_turn(lines, "a", release_a.wait))
     await settle()
 
     # When an event of conversation B comes
-    went = await asyncio.wait_for(take_turn(lines.enter("b"), logged(log, "b")), 1.0)
+    went = await asyncio.wait_for(take_turn(lines, "b", logged(log, "b")), 1.0)
 
     # Then B is done while A still runs
     assert went
@@ -80,14 +80,13 @@ async def test_different_conversations_run_concurrently() -> None:
 async def test_a_handed_back_event_hands_back_the_ones_behind_it() -> None:
     # Given three events of one conversation
     lines = ConversationLines()
-    first, second, third = (lines.enter("a") for _ in range(3))
     log: list[str] = []
 
     # When the first is handed back to the broker unsettled
     results = await asyncio.gather(
-        take_turn(first, logged(log, "1"), outcome=Outcome.HANDED_BACK),
-        take_turn(second, logged(log, "2")),
-        take_turn(third, logged(log, "3")),
+        take_turn(lines, "a", logged(log, "1"), outcome=Outcome.HANDED_BACK),
+        take_turn(lines, "a", logged(log, "2")),
+        take_turn(lines, "a", logged(log, "3")),
     )
 
     # Then the later ones do not go ahead, so none overtakes it when it is redelivered
@@ -109,15 +108,15 @@ async def test_a_cancelled_turn_keeps_its_place_until_the_earlier_event_finishes
     # Given event 1 running and event 2 waiting behind it
     lines = ConversationLines()
     release_first = asyncio.Event()
-    first = asyncio.create_task(take_turn(lines.enter("a"), release_first.wait))
-    second = asyncio.create_task(take_turn(lines.enter("a"), logged([], "2")))
+    first = asyncio.create_task(take_turn(lines, "a", release_first.wait))
+    second = asyncio.create_task(take_turn(lines, "a", logged([], "2")))
     await settle()
 
     # When event 2 is cancelled while event 1 still runs, and event 3 arrives
     second.cancel()
     await asyncio.gather(second, return_exceptions=True)
     log: list[str] = []
-    third = asyncio.create_task(take_turn(lines.enter("a"), logged(log, "3")))
+    third = asyncio.create_task(take_turn(lines, "a", logged(log, "3")))
     await settle()
 
     # Then event 3 does not find the line empty: it waits for event 1
@@ -137,8 +136,8 @@ async def test_lines_are_released_after_every_turn_finished() -> None:
     # Given events of two conversations in flight
     lines = ConversationLines()
     release = asyncio.Event()
-    turns = [lines.enter(key) for key in ("a", "b", "a", "b")]
-    tasks = [asyncio.create_task(take_turn(turn, release.wait)) for turn in turns]
+    keys = ("a", "b", "a", "b")
+    tasks = [asyncio.create_task(take_turn(lines, key, release.wait)) for key in keys]
     await settle()
     assert len(lines) == 2
 
@@ -182,11 +181,10 @@ async def test_a_retried_event_holds_back_its_conversation_but_not_others() -> N
         sent.append(name)
 
     deliveries = [("A1", 2), ("B1", 0), ("B2", 0), ("A2", 0)]
-    turns = [(lines.enter(name[0]), name, retries) for name, retries in deliveries]
 
     # When they are handled concurrently
     went = await asyncio.gather(
-        *(take_turn(turn, partial(send, name, retries)) for turn, name, retries in turns)
+        *(take_turn(lines, name[0], partial(send, name, retries)) for name, retries in deliveries)
     )
 
     # Then B's events go first, in order, while A2 waits for A1 to get through

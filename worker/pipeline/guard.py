@@ -12,14 +12,12 @@ limiter, their conversation's turn, a backoff): at shutdown it ends every wait a
 nothing that waits can be sent any more, and lets only the calls on the wire finish.
 """
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from worker.pipeline.breaker import Breaker
 from worker.pipeline.errors import (
@@ -28,6 +26,7 @@ from worker.pipeline.errors import (
     ThrottledApiError,
     TransientApiError,
 )
+from worker.pipeline.inflight import InFlight, Stage, Stopping
 from worker.pipeline.rate_limiter import AdaptiveRateLimiter
 
 T = TypeVar("T")
@@ -111,6 +110,7 @@ class CallGuard:
         account: Breaker,
         account_memory_seconds: float,
         observer: CallObserver | None = None,
+        stages: InFlight | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limiter = limiter
@@ -118,52 +118,35 @@ class CallGuard:
         self.account = account
         self._account_memory = account_memory_seconds
         self._observer = observer or CallObserver()
+        # Where each delivery stands (waiting here, on the wire), for the worker's shutdown.
+        self._stages = stages if stages is not None else InFlight()
         self._clock = clock
         self._last_accepted = -float("inf")
         self._closed = False
-        self.sending: set[asyncio.Task[Any]] = set()
-        self.waiting: set[asyncio.Task[Any]] = set()
 
     @property
     def closed(self) -> bool:
         """Return True once the worker refuses new calls (it is handing messages back)."""
         return self._closed
 
-    def close(self) -> int:
-        """Refuse every call not yet sent and end every wait; return how many waits ended.
+    def close(self) -> None:
+        """Refuse every call not yet sent: the worker is handing its messages back.
 
-        The worker is handing its messages back: a task that waits for a breaker, the limiter,
-        its turn or a backoff could not send anything any more, so it ends now instead of at
-        the end of the grace period. Calls already on the wire are left to finish.
+        A delivery that waits here (for a breaker, the limiter, a backoff) is in the GUARD
+        stage of the worker's `InFlight`, which ends those waits; calls on the wire finish.
         """
         self._closed = True
-        waiting = list(self.waiting)
-        for task in waiting:
-            task.cancel()
-        return len(waiting)
 
     async def hold(self, wait: Callable[[], Awaitable[T]]) -> T:
-        """Wait for something a call needs first (its turn, a backoff); shutdown ends it."""
+        """Wait for something a call needs first (a backoff), as a wait shutdown may end."""
         self._refuse_if_closed()
-        with self._waiting():
+        with self._stages.stage(Stage.GUARD):
             return await wait()
 
-    @contextmanager
-    def _waiting(self) -> Iterator[None]:
-        """Note the current task as waiting, so that `close` can end it."""
-        task = asyncio.current_task()
-        if task is not None:
-            self.waiting.add(task)
-        try:
-            yield
-        finally:
-            if task is not None:
-                self.waiting.discard(task)
-
     def _refuse_if_closed(self) -> None:
-        """End the calling task as if cancelled, so its message is handed back unacked."""
+        """Refuse a call once the worker hands its messages back: it must not be sent."""
         if self._closed:
-            raise asyncio.CancelledError("the worker is shutting down")
+            raise Stopping
 
     async def call(self, send: Callable[[], Awaitable[T]], attempts: Attempts) -> T:
         """Wait for the breakers and the limiter, make the call, and learn from its answer.
@@ -174,7 +157,7 @@ class CallGuard:
         outage_probe = account_probe = False
         try:
             self._refuse_if_closed()
-            with self._waiting():
+            with self._stages.stage(Stage.GUARD):
                 outage_probe = await self.outage.admit()
                 account_probe = await self.account.admit()
                 sent_at = await self.limiter.acquire()
@@ -208,15 +191,9 @@ class CallGuard:
         return AccountVerdict.SUSPECT
 
     async def _send(self, send: Callable[[], Awaitable[T]]) -> T:
-        """Make the call, noting the task as on the wire meanwhile (shutdown lets it finish)."""
-        task = asyncio.current_task()
-        if task is not None:
-            self.sending.add(task)
-        try:
+        """Make the call, in the WIRE stage meanwhile (shutdown lets it finish)."""
+        with self._stages.stage(Stage.WIRE):
             return await send()
-        finally:
-            if task is not None:
-                self.sending.discard(task)
 
     def _learn_from_failure(
         self,

@@ -14,10 +14,11 @@ from worker.pipeline.dedupe import DeliveredLedger, Fingerprint, Verdict
 from worker.pipeline.envelope import FailureContext
 from worker.pipeline.errors import ErrorVariant, EventFailure, PermanentApiError
 from worker.pipeline.guard import Attempts, CallGuard
-from worker.pipeline.ordering import ConversationLines, Outcome
+from worker.pipeline.inflight import InFlight, Stage, Stopping
+from worker.pipeline.ordering import ConversationLines, Outcome, Turn
 from worker.pipeline.policy import RetryPolicy
 from worker.pipeline.sending import Sender
-from worker.pipeline.settlement import Settler
+from worker.pipeline.settlement import Delivered, Failed, Result, Settler, Unsent
 
 
 class MessageHandler:
@@ -32,6 +33,7 @@ class MessageHandler:
         metrics: Metrics,
         ledger: DeliveredLedger | None = None,
         *,
+        inflight: InFlight,
         worker_id: str,
         max_body_bytes: int,
         log: Any,
@@ -41,62 +43,58 @@ class MessageHandler:
         self._settler = settler
         self._metrics = metrics
         self._ledger = ledger
+        self._inflight = inflight
         self._lines = ConversationLines()
         self._worker_id = worker_id
         self._max_body_bytes = max_body_bytes
         self._log = log
 
     async def handle(self, message: AbstractIncomingMessage, queue_name: str) -> None:
-        """Deliver one message to Connect, or dead-letter it, or hand it back; never raise."""
+        """Carry one delivery to its one settlement (ack, dead letter, hand back); never raise."""
         self._metrics.consumed.inc()
         attempts = Attempts()
         try:
             event = decode(message.body, self._max_body_bytes, message.headers)
         except EventFailure as failure:
-            await self._dead_letter(message, failure, attempts, queue_name)
+            await self._settle(message, self._failed(failure, attempts, queue_name))
             return
         # Take the turn before the first await: deliveries arrive in queue order.
-        turn = self._lines.enter(conversation_key(event))
-        outcome = Outcome.HANDED_BACK
-        try:
-            if not await self._guard.hold(turn.wait):
-                # While the worker hands everything back, the channel's closing returns the
-                # held deliveries together, in order; one nack now would put this one behind
-                # its successors in the queue.
-                if not self._guard.closed:
-                    await self._settler.hand_back(message)
-                return
-            outcome = await self._deliver(message, event, attempts, queue_name)
-        finally:
-            turn.finish(outcome)
+        with self._lines.take_turn(conversation_key(event)) as turn:
+            result = await self._process(turn, message, event, attempts, queue_name)
+            turn.outcome = await self._settle(message, result)
 
-    async def _deliver(
+    async def _process(
         self,
+        turn: Turn,
         message: AbstractIncomingMessage,
         event: ChatIntegrationEvent,
         attempts: Attempts,
         queue_name: str,
-    ) -> Outcome:
-        """Send, then settle; return whether the message was settled or handed back."""
-        if await self._already_delivered(message):
-            self._metrics.duplicates_skipped.inc()
-            self._log.info("event.duplicate_skipped", message_id=message.message_id)
-            return Outcome.SETTLED if await self._settler.settle(message) else Outcome.HANDED_BACK
+    ) -> Result:
+        """Wait for the turn, then send; say what became of the event, not what to do with it."""
         try:
+            with self._inflight.stage(Stage.TURN):
+                may_go = await turn.wait()
+            if not may_go:
+                return Unsent("an earlier event of its conversation went back")
+            if await self._already_delivered(message):
+                self._metrics.duplicates_skipped.inc()
+                self._log.info("event.duplicate_skipped", message_id=message.message_id)
+                return Delivered()
             await self._sender.send(event, message, attempts)
         except EventFailure as failure:
-            acked = await self._dead_letter(message, failure, attempts, queue_name)
+            return self._failed(failure, attempts, queue_name)
+        except Stopping:
+            return Unsent("the worker is stopping")
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
         except Exception as error:  # a bug must cost one dead letter, not the worker
             self._log.exception("event.unexpected_error", message_id=message.message_id)
             bug = PermanentApiError(ErrorVariant.UNKNOWN, type(error).__name__, "worker error")
-            acked = await self._dead_letter(message, bug, attempts, queue_name)
-        else:
-            self._metrics.delivered.inc()
-            await self._remember_delivered(message)
-            acked = await self._settler.settle(message)
-        return Outcome.SETTLED if acked else Outcome.HANDED_BACK
+            return self._failed(bug, attempts, queue_name)
+        self._metrics.delivered.inc()
+        await self._remember_delivered(message)
+        return Delivered()
 
     async def _already_delivered(self, message: AbstractIncomingMessage) -> bool:
         """Return True when the ledger says this very event was delivered; never raise.
@@ -125,14 +123,8 @@ class MessageHandler:
         except Exception as error:
             self._log.warning("ledger.unavailable", error=type(error).__name__)
 
-    async def _dead_letter(
-        self,
-        message: AbstractIncomingMessage,
-        failure: EventFailure,
-        attempts: Attempts,
-        queue_name: str,
-    ) -> bool:
-        """Publish the dead letter and ack; return True once the original is acked."""
+    def _failed(self, failure: EventFailure, attempts: Attempts, queue_name: str) -> Failed:
+        """Return a failure with what its dead letter says about the attempts."""
         failed_at = datetime.now(UTC)
         context = FailureContext(
             attempts=attempts.calls,
@@ -142,7 +134,11 @@ class MessageHandler:
             queue=queue_name,
             worker_id=self._worker_id,
         )
-        acked = await self._settler.settle(message, failure, context)
-        if acked:
-            self._metrics.dead_lettered.labels(variant=failure.variant.value).inc()
-        return acked
+        return Failed(failure, context)
+
+    async def _settle(self, message: AbstractIncomingMessage, result: Result) -> Outcome:
+        """Settle through the one decider; count a dead letter once it is confirmed."""
+        outcome = await self._settler.settle(message, result)
+        if isinstance(result, Failed) and outcome is Outcome.SETTLED:
+            self._metrics.dead_lettered.labels(variant=result.failure.variant.value).inc()
+        return outcome

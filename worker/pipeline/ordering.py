@@ -8,6 +8,8 @@ delivered again. Conversations do not wait for each other.
 """
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 
 
@@ -34,6 +36,8 @@ class Turn:
         self._key = key
         self._previous = previous
         self._mine = mine
+        self.outcome = Outcome.HANDED_BACK
+        """How the turn ends unless the holder says otherwise: handed back is the safe side."""
 
     async def wait(self) -> bool:
         """Wait until the previous event is done; return True if this one may go ahead."""
@@ -67,6 +71,20 @@ class ConversationLines:
 
     def __len__(self) -> int:
         return len(self._tails)
+
+    @contextmanager
+    def take_turn(self, key: str) -> Iterator[Turn]:
+        """Take the next turn of a conversation, and end it with `turn.outcome` on leaving.
+
+        Enter in arrival order, before the delivery's task first awaits; inside, `await
+        turn.wait()` says whether the event may go, and the holder sets `turn.outcome` once it
+        is settled. Leaving the block any other way (an error, a cancellation) hands it back.
+        """
+        turn = self.enter(key)
+        try:
+            yield turn
+        finally:
+            turn.finish(turn.outcome)
 
     def enter(self, key: str) -> Turn:
         """Take the next turn of a conversation; call it in arrival order, without awaiting."""
