@@ -73,13 +73,13 @@ class Setup:
     remembered: list[str]
 
 
-def make_setup(*failures: EventFailure, **budgets: Any) -> Setup:
+def make_setup(*failures: EventFailure, account_threshold: int = 2, **budgets: Any) -> Setup:
     """Wire a sender as the worker does, with millisecond backoffs and probes."""
     settings = WorkerSettings(backoff_base_seconds=0.001, backoff_max_seconds=0.002, **budgets)
     guard = CallGuard(
         AdaptiveRateLimiter(RateLimitConfig(initial_rate=1000.0)),
         Breaker("outage", 5, 0.01, 0.02),
-        Breaker("account", 2, 0.01, 0.02),
+        Breaker("account", account_threshold, 0.01, 0.02),
         settings.account_memory_seconds,
     )
     client = ScriptedClient(list(failures))
@@ -178,6 +178,24 @@ async def test_refusals_while_everything_is_refused_are_held_uncharged_until_acc
     await send(setup, attempts)
     assert (attempts.calls, attempts.charged) == (6, 0)  # the accepting call was a probe
     assert setup.guard.account.closed
+
+
+async def test_held_calls_leave_the_budget_whole_for_failures_after_the_account_recovers() -> None:
+    # Given three refusals while nothing is accepted (the breaker stays closed), then two 500s,
+    # for an event whose transient budget is three attempts
+    refusals = [access_denied() for _ in range(3)]
+    setup = make_setup(
+        *refusals,
+        internal_error(),
+        internal_error(),
+        account_threshold=10,
+        transient_max_attempts=3,
+    )
+    attempts = Attempts()
+
+    # When it is sent, then it is delivered: only the two 500s were charged
+    await send(setup, attempts)
+    assert (attempts.calls, attempts.charged) == (6, 3)
 
 
 async def test_a_call_on_the_wire_finishes_when_its_task_is_cancelled_and_is_remembered() -> None:
