@@ -14,6 +14,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError, ReadTimeoutError
 
+from tests.integration.support import wait_until
 from worker.testing.simulator import ConnectSimulator, SimulatorConfig, parse_error_rates, serve
 
 Client = Any  # aiobotocore clients are generated at runtime and carry no static type
@@ -185,6 +186,7 @@ async def test_token_bucket_throttles_a_burst(sim: ConnectSimulator, client: Cli
     assert outcomes.count("ThrottlingException") == 10 - ok
     stats = await _control(sim, "GET", "/_sim/stats")
     assert stats == {
+        "arrived": 10,
         "calls": 10,
         "received": ok,
         "by_outcome": {"ok": ok, "ThrottlingException": 10 - ok},
@@ -254,11 +256,28 @@ async def test_stall_outage_times_out_the_client_but_still_delivers(
             await _send(connect)
 
     # Then Connect still processed the event: a retry would deliver it twice
-    for _ in range(50):
-        if sim.received:
-            break
-        await asyncio.sleep(0.02)
-    assert len(sim.received) == 1
+    await wait_until(lambda: len(sim.received) == 1, timeout=1)
+
+
+async def test_a_call_counts_as_arrived_before_it_is_answered(
+    sim: ConnectSimulator, client: Client
+) -> None:
+    # Given a Connect that stalls its answers for half a second
+    await _control(sim, "POST", "/_sim/outage", {"seconds": 30, "stall": 0.5})
+
+    # When a call is on its way
+    call = asyncio.create_task(_send(client))
+
+    # Then it counts as arrived at once, while it has no answer yet
+    await wait_until(lambda: sim.arrived == 1, timeout=5)
+    stats = await _control(sim, "GET", "/_sim/stats")
+    assert (stats["arrived"], stats["calls"]) == (1, 0)
+
+    # And once answered it counts as a call too; a reset starts both counts again
+    await call
+    assert (sim.arrived, len(sim.calls)) == (1, 1)
+    await _control(sim, "POST", "/_sim/reset")
+    assert (sim.arrived, sim.calls) == (0, [])
 
 
 async def test_latency_delays_answers(sim: ConnectSimulator, client: Client) -> None:
@@ -315,7 +334,7 @@ async def test_serve_runs_until_cancelled() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     task = asyncio.create_task(serve(SimulatorConfig(), "127.0.0.1", port))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: _listening(port), timeout=5)
 
     async with await _make_client(f"http://127.0.0.1:{port}") as connect:
         assert (await _send(connect))["NewChatCreated"] is True
@@ -323,3 +342,14 @@ async def test_serve_runs_until_cancelled() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def _listening(port: int) -> bool:
+    """Return True once something accepts TCP connections on the port."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True

@@ -1,7 +1,7 @@
 """Throttling-aware sending end to end: outages, failing events, account-wide refusals."""
 
-import asyncio
 import json
+from itertools import pairwise
 from typing import Any
 
 import aiohttp
@@ -14,6 +14,8 @@ from worker.pipeline.errors import ErrorVariant
 from worker.testing.simulator import ConnectSimulator
 
 pytestmark = pytest.mark.integration
+
+PROBE_SECONDS = 1.0
 
 
 def body(index: int, destination: str = "agent") -> bytes:
@@ -108,7 +110,9 @@ async def test_access_denied_everywhere_pauses_with_the_backlog_intact(
     await control(simulator, "outage", {"seconds": 120, "code": "AccessDeniedException"})
     await publish_all(broker, [body(i) for i in range(40)])
     port = free_port()
-    await start_worker(WORKER_PREFETCH="8", WORKER_HTTP_PORT=str(port))
+    await start_worker(
+        WORKER_PREFETCH="8", WORKER_HTTP_PORT=str(port), WORKER_PROBE_SECONDS=str(PROBE_SECONDS)
+    )
 
     # When the worker has met the refusals
     async def paused() -> bool:
@@ -119,17 +123,24 @@ async def test_access_denied_everywhere_pauses_with_the_backlog_intact(
     await wait_until(lambda: len(simulator.calls) >= 8)
     calls_when_paused = len(simulator.calls)
 
-    # Then it holds every event instead of dead-lettering them, and only probes
-    await asyncio.sleep(4)
+    # Then it holds every event instead of dead-lettering them, and only probes: it calls at
+    # the probe pace (the calls already on their way when it paused aside)
+    await wait_until(lambda: _probing(simulator, since=calls_when_paused), timeout=10)
     assert await broker.dead_letter_count("AccessDeniedException") == 0
-    assert len(simulator.calls) - calls_when_paused <= 4
-    assert len(simulator.calls) <= 8 + 8
+    assert simulator.arrived - calls_when_paused <= 4
+    assert simulator.arrived <= 8 + 8
 
     # When Connect accepts the account again, everything goes through and readiness returns
     await control(simulator, "outage", {"seconds": 0})
     await wait_until(lambda: len(delivered(simulator)) == 40, timeout=40)
     await wait_until(lambda: _ready(port))
     assert await no_dead_letters(broker)
+
+
+def _probing(simulator: ConnectSimulator, since: int) -> bool:
+    """Return True once two calls after the first `since` arrived a probe interval apart."""
+    arrivals = [call["at"] for call in simulator.calls[since:]]
+    return any(later - earlier >= PROBE_SECONDS for earlier, later in pairwise(arrivals))
 
 
 async def _ready(port: int) -> bool:

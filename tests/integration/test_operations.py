@@ -223,11 +223,12 @@ async def test_log_lines_stay_json_when_the_broker_connection_is_lost(
     port = free_port()
     try:
         worker = await start_worker(WORKER_AMQP_URL=proxy.url, WORKER_HTTP_PORT=str(port))
+        logged_before_cut = len(worker.log_lines())
 
         # When the network to the broker is cut for a moment
         proxy.cut()
         await wait_until(lambda: status_is(port, "/readyz", 503), timeout=5)
-        await asyncio.sleep(1.0)
+        await wait_until(lambda: _logged_the_loss(worker.log_lines()[logged_before_cut:]))
     finally:
         await proxy.stop()
 
@@ -244,6 +245,11 @@ def _consumers_restored(broker: Broker) -> Callable[[], Awaitable[bool]]:
         return await broker.work_consumers() >= broker.partitions
 
     return restored
+
+
+def _logged_the_loss(lines: list[str]) -> bool:
+    """Return True once a line speaks of the connection (aiormq's and aio-pika's say so)."""
+    return any("connection" in line.lower() for line in lines)
 
 
 def _is_json_object(line: str) -> bool:
@@ -283,7 +289,8 @@ async def test_sigterm_mid_backlog_exits_within_grace_and_acks_only_what_was_del
 
     # And every event that left the queue was delivered: none acked unsent, none lost, and
     # what is left waits in publish order
-    await asyncio.sleep(0.5)  # a call cut off at exit may still be answered by the simulator
+    # A call cut off at exit may still be answered by the simulator: wait for every answer
+    await wait_until(lambda: len(simulator.calls) == simulator.arrived, timeout=5)
     delivered = delivered_contents(simulator)
     queued = await queued_contents(broker)
     assert len(delivered) == len(set(delivered)), "an event was delivered twice"
@@ -303,7 +310,7 @@ async def test_sigterm_does_not_hand_back_an_event_whose_call_is_on_the_wire(
     for content in published:
         await publish_event(broker, event("agent-1", content))
     worker = await start_worker(WORKER_SHUTDOWN_GRACE_SECONDS="1")
-    await asyncio.sleep(0.5)  # the first call is on its way
+    await wait_until(lambda: simulator.arrived >= 1, timeout=10)  # the first call is on its way
 
     # When it is told to stop while that call waits for its answer
     worker.signal(signal.SIGTERM)

@@ -104,11 +104,12 @@ async def test_calls_on_the_wire_at_a_cut_are_not_sent_twice_by_the_same_process
         message_id = f"wire-{index}"
         await ledger.publish(broker, token_event(message_id, index), message_id)
 
-    # When the broker connection is cut while those calls are on the wire
-    await asyncio.sleep(0.8)
+    # When the broker connection is cut while those calls are on the wire, and Connect
+    # answers them before it is back
+    await wait_until(lambda: simulator.arrived == 8, timeout=10)
     cut_at = time.time()
     proxy.cut()
-    await asyncio.sleep(1.0)
+    await wait_until(lambda: len(simulator.calls) == 8, timeout=10)
     proxy.restore()
     await wait_until(lambda: drained(broker, ledger, simulator), timeout=30, every=0.25)
     await wait_until(lambda: quiescent(broker, port), timeout=30, every=0.25)

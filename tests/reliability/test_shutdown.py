@@ -5,7 +5,6 @@ waits before SIGKILL. Events that wait to be sent are handed back at once; calls
 get what is left of the bound and are abandoned after it, their events handed back too.
 """
 
-import asyncio
 import signal
 import time
 
@@ -74,7 +73,8 @@ async def test_sigterm_while_connect_hangs_exits_within_the_bound_and_loses_noth
     # When Connect stops answering (each call hangs for 100 s) and the worker gets SIGTERM
     # while its calls hang
     await control(simulator, "outage", {"seconds": 300, "stall": 100})
-    await asyncio.sleep(2.0)
+    before_the_stall = simulator.arrived
+    await wait_until(lambda: simulator.arrived > before_the_stall, timeout=10)
     code, took = await stop(worker)
 
     # Then it exits 0 within the bound, having abandoned the calls it could not wait for
