@@ -22,6 +22,7 @@ import aiohttp
 
 from worker.models import conversation_key
 from worker.ops.publish import event_message
+from worker.testing.environment import simulated_worker_environment
 from worker.topology import declare_topology, delete_topology, work_queue_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,22 +140,9 @@ async def backlog_size(channel: Any, base: str, partitions: int = PARTITIONS) ->
 
 
 def worker_env(base: str, endpoint: str, **settings: str) -> dict[str, str]:
-    """Return a worker process environment pointed at the simulator."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "AWS_"))}
-    env.update(
-        WORKER_AMQP_URL=AMQP_URL,
-        WORKER_QUEUE=base,
-        WORKER_PARTITIONS=str(PARTITIONS),
-        WORKER_HTTP_PORT="0",
-        WORKER_LOG_LEVEL="WARNING",
-        AWS_ENDPOINT_URL_CONNECT=endpoint,
-        AWS_ACCESS_KEY_ID="AKIDBENCH",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    env.update(settings)
-    return env
+    """Return a worker process environment pointed at the simulator, logging warnings only."""
+    defaults = {"WORKER_PARTITIONS": str(PARTITIONS), "WORKER_LOG_LEVEL": "WARNING"}
+    return simulated_worker_environment(AMQP_URL, base, endpoint, **{**defaults, **settings})
 
 
 async def start_workers(count: int, env: dict[str, str]) -> list[asyncio.subprocess.Process]:
