@@ -1,7 +1,5 @@
 """Fixtures that run the real worker process against the real RabbitMQ and the simulator."""
 
-import asyncio
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -11,7 +9,6 @@ import pytest
 
 from tests.integration.support import (
     AMQP_URL,
-    REPO,
     Broker,
     WorkerProcess,
     wait_until,
@@ -57,18 +54,7 @@ async def start_worker(
 
     async def start(**extra: str) -> WorkerProcess:
         log_path = tmp_path / f"worker-{len(started)}.log"
-        with log_path.open("wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "worker",
-                "run",
-                env=worker_environment(broker, simulator, **extra),
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=REPO,
-            )
-        worker = WorkerProcess(process, log_path)
+        worker = await WorkerProcess.start(worker_environment(broker, simulator, **extra), log_path)
         started.append(worker)
         await wait_until(lambda: _consuming(worker), timeout=30.0)
         return worker

@@ -4,7 +4,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,13 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import StartWorker
 from tests.integration.support import (
-    AMQP_URL,
-    REPO,
     Broker,
     TcpProxy,
     chat_event,
     encode,
     free_port,
+    run_dlq,
     wait_until,
     worker_environment,
 )
@@ -104,30 +102,6 @@ async def queued_contents(broker: Broker) -> list[str]:
         await wait_until(lambda: len(contents) >= expected, timeout=10)
         await asyncio.sleep(0.2)  # anything beyond the count would show up as a surplus
     return contents
-
-
-async def run_dlq(broker: Broker, *args: str) -> tuple[int, str]:
-    """Run `python -m worker dlq ...` against this test's topology; return (code, output)."""
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "WORKER_AMQP_URL": AMQP_URL,
-        "WORKER_QUEUE": broker.base,
-        "WORKER_PARTITIONS": str(broker.partitions),
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "dlq",
-        *args,
-        env=env,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, output.decode()
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -350,7 +324,7 @@ async def test_redriven_dead_letters_are_delivered_and_a_second_failure_counts_t
     assert simulator.received == []
 
     # When an operator asks what a redrive would move
-    code, output = await run_dlq(broker, "redrive", "--dry-run")
+    code, output, _ = await run_dlq(broker.base, "redrive", "--dry-run")
 
     # Then it says so and moves nothing
     assert code == 0, output
@@ -364,7 +338,7 @@ async def test_redriven_dead_letters_are_delivered_and_a_second_failure_counts_t
         simulator,
         {"match": {"Event": originals[2]["Event"]}, "code": not_found, "times": 1},
     )
-    code, output = await run_dlq(broker, "redrive")
+    code, output, _ = await run_dlq(broker.base, "redrive")
 
     # Then the other four reach Connect with their original bodies, and the InvalidRequest
     # dead-letter queue is empty
