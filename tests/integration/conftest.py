@@ -14,7 +14,7 @@ from tests.integration.support import (
     wait_until,
     worker_environment,
 )
-from worker.testing.simulator import ConnectSimulator, SimulatorConfig
+from worker.testing.simulator import ConnectSimulator
 from worker.topology import declare_topology, delete_topology
 
 PARTITIONS = 4
@@ -31,15 +31,6 @@ async def broker() -> AsyncIterator[Broker]:
     cleanup = await connection.channel()
     await delete_topology(cleanup, base, PARTITIONS)
     await connection.close()
-
-
-@pytest.fixture
-async def simulator() -> AsyncIterator[ConnectSimulator]:
-    """Run the Connect simulator in the test's loop, on a free port."""
-    sim = ConnectSimulator(SimulatorConfig(seed=7))
-    await sim.start()
-    yield sim
-    await sim.stop()
 
 
 StartWorker = Callable[..., Awaitable[WorkerProcess]]

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+import aiohttp
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
 from worker.testing.environment import clean_environment, simulated_worker_environment
 from worker.testing.simulator import ConnectSimulator
@@ -65,6 +72,14 @@ async def wait_until(
         await asyncio.sleep(every)
 
 
+async def take_ready(queue: AbstractQueue) -> list[AbstractIncomingMessage]:
+    """Remove and return every ready message of a queue (basic.get: SAC queues refuse it)."""
+    taken = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        taken.append(message)
+    return taken
+
+
 class Broker:
     """A test's view of the topology: publish, count and read back messages."""
 
@@ -110,11 +125,7 @@ class Broker:
 
     async def take_all(self, queue: str) -> list[AbstractIncomingMessage]:
         """Remove and return every ready message of a queue."""
-        declared = await self.channel.declare_queue(queue, passive=True)
-        taken = []
-        while (message := await declared.get(no_ack=True, fail=False)) is not None:
-            taken.append(message)
-        return taken
+        return await take_ready(await self.channel.declare_queue(queue, passive=True))
 
     async def take_dead_letters(self, variant: str) -> list[AbstractIncomingMessage]:
         """Remove and return one variant's dead letters."""
@@ -247,6 +258,55 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# --- The worker's HTTP endpoints, the simulator's control API ----------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET one of the worker's endpoints; a refused connection reads as status 0."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}{path}") as response,
+        ):
+            return response.status, await response.text()
+    except aiohttp.ClientConnectionError:
+        return 0, ""
+
+
+async def readiness(port: int) -> int:
+    """Return the status of the worker's /readyz (0 when it does not answer)."""
+    return (await http_get(port, "/readyz"))[0]
+
+
+async def scrape(port: int) -> Samples:
+    """GET /metrics and parse it as Prometheus does: {(sample name, labels): value}."""
+    status, text = await http_get(port, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def metric(port: int, name: str, **labels: str) -> float:
+    """Return the sum of a metric's samples that carry `labels`, from /metrics (0 if none)."""
+    return sum(
+        sample_value
+        for (sample_name, sample_labels), sample_value in (await scrape(port)).items()
+        if sample_name == name and labels.items() <= dict(sample_labels).items()
+    )
+
+
+async def control(simulator: ConnectSimulator, what: str, spec: dict[str, Any]) -> None:
+    """POST to the simulator's control API (`/_sim/WHAT`), as an operator of it would."""
+    url = f"{simulator.url}/_sim/{what}"
+    async with aiohttp.ClientSession() as http, http.post(url, json=spec) as response:
+        assert response.status == 200, await response.text()
 
 
 class TcpProxy:

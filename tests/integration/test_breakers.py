@@ -2,13 +2,20 @@
 
 import json
 from itertools import pairwise
-from typing import Any
 
-import aiohttp
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import (
+    Broker,
+    chat_event,
+    control,
+    encode,
+    free_port,
+    http_get,
+    readiness,
+    wait_until,
+)
 from worker.models import conversation_key
 from worker.pipeline.errors import ErrorVariant
 from worker.testing.simulator import ConnectSimulator
@@ -20,32 +27,13 @@ PROBE_SECONDS = 1.0
 
 def body(index: int, destination: str = "agent") -> bytes:
     """Return a valid MESSAGE event whose content carries its index."""
-    event = {
-        "SourceId": f"+1555000{index % 50:04d}",
-        "DestinationId": destination,
-        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": f"m{index}"},
-    }
-    return json.dumps(event).encode()
+    return encode(chat_event(f"+1555000{index % 50:04d}", destination, f"m{index}"))
 
 
 async def publish_all(broker: Broker, bodies: list[bytes]) -> None:
     """Publish bodies keyed by conversation, as a producer does."""
     for item in bodies:
         await broker.publish(item, routing_key=conversation_key(json.loads(item)))
-
-
-async def control(simulator: ConnectSimulator, what: str, spec: dict[str, Any]) -> None:
-    """POST to the simulator's control API, as an operator of the simulator would."""
-    url = f"{simulator.url}/_sim/{what}"
-    async with aiohttp.ClientSession() as http, http.post(url, json=spec) as response:
-        response.raise_for_status()
-
-
-async def readiness(port: int) -> tuple[int, dict[str, Any]]:
-    """Return the status and body of the worker's /readyz."""
-    url = f"http://127.0.0.1:{port}/readyz"
-    async with aiohttp.ClientSession() as http, http.get(url) as response:
-        return response.status, await response.json()
 
 
 def delivered(simulator: ConnectSimulator) -> set[str]:
@@ -116,8 +104,8 @@ async def test_access_denied_everywhere_pauses_with_the_backlog_intact(
 
     # When the worker has met the refusals
     async def paused() -> bool:
-        status, answer = await readiness(port)
-        return status == 503 and "account" in answer["reason"].lower()
+        status, answer = await http_get(port, "/readyz")
+        return status == 503 and "account" in json.loads(answer)["reason"].lower()
 
     await wait_until(paused)
     await wait_until(lambda: len(simulator.calls) >= 8)
@@ -144,4 +132,4 @@ def _probing(simulator: ConnectSimulator, since: int) -> bool:
 
 
 async def _ready(port: int) -> bool:
-    return (await readiness(port))[0] == 200
+    return await readiness(port) == 200

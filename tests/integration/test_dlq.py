@@ -2,16 +2,23 @@
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from tests.integration.support import AMQP_URL, run_command, run_dlq
+from tests.integration.support import (
+    AMQP_URL,
+    Broker,
+    chat_event,
+    encode,
+    run_command,
+    run_dlq,
+    take_ready,
+)
 from worker.models import conversation_key
 from worker.pipeline.envelope import FailureContext, build_dead_letter, iso_utc
 from worker.pipeline.errors import ErrorVariant, EventFailure
@@ -19,14 +26,11 @@ from worker.problems import ExitCode
 from worker.topology import (
     dead_letter_exchange_name,
     dead_letter_queue_name,
-    declare_topology,
-    delete_topology,
     input_exchange_name,
 )
 
 pytestmark = pytest.mark.integration
 
-PARTITIONS = 1
 PHONE = "+15557654321"
 CONTENT = "my card number is 4111 1111"
 THROTTLED = ErrorVariant.THROTTLING.value
@@ -36,22 +40,20 @@ INVALID = ErrorVariant.INVALID_REQUEST.value
 
 def event_body(number: int) -> bytes:
     """Return a realistic event body holding personal data."""
-    event = {
-        "SourceId": PHONE,
-        "DestinationId": f"destination-{number}",
-        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": CONTENT},
-    }
-    return json.dumps(event).encode()
+    return encode(chat_event(PHONE, f"destination-{number}", CONTENT))
 
 
 @dataclass
 class DeadLetters:
     """A test's topology: puts dead letters in, counts them, catches what is redriven."""
 
-    connection: AbstractConnection
-    channel: AbstractChannel
-    base: str
+    broker: Broker
     caught: AbstractQueue
+
+    @property
+    def base(self) -> str:
+        """Return the topology's base name."""
+        return self.broker.base
 
     async def put(
         self, variant: str, number: int = 0, age: timedelta = timedelta(minutes=5), **extra: Any
@@ -84,49 +86,21 @@ class DeadLetters:
 
     async def publish_dead_letter(self, variant: str, message: aio_pika.Message) -> None:
         """Publish a dead letter to the dead-letter exchange, confirmed."""
-        exchange = await self.channel.get_exchange(dead_letter_exchange_name(self.base))
+        exchange = await self.broker.channel.get_exchange(dead_letter_exchange_name(self.base))
         await exchange.publish(message, routing_key=variant, mandatory=True)
-
-    async def count(self, variant: str) -> int:
-        """Return how many dead letters a variant's queue holds (plain channel: fresh count)."""
-        queue = await self.channel.declare_queue(
-            dead_letter_queue_name(self.base, variant), passive=True
-        )
-        return queue.declaration_result.message_count or 0
-
-    async def take(self, variant: str) -> list[AbstractIncomingMessage]:
-        """Remove and return a variant's dead letters, in queue order."""
-        queue = await self.channel.declare_queue(
-            dead_letter_queue_name(self.base, variant), passive=True
-        )
-        return await _drain(queue)
 
     async def take_redriven(self) -> list[AbstractIncomingMessage]:
         """Remove and return what reached the input exchange."""
-        return await _drain(self.caught)
-
-
-async def _drain(queue: AbstractQueue) -> list[AbstractIncomingMessage]:
-    """Remove every ready message of a queue."""
-    taken = []
-    while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        taken.append(message)
-    return taken
+        return await take_ready(self.caught)
 
 
 @pytest.fixture
-async def dead_letters() -> AsyncIterator[DeadLetters]:
-    """Declare a unique topology plus a queue that catches what reaches the input exchange."""
-    base = f"test-dlq-{uuid.uuid4().hex[:10]}"
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    await declare_topology(channel, base, PARTITIONS)
+async def dead_letters(broker: Broker) -> DeadLetters:
+    """The test's topology, plus a queue that catches what reaches the input exchange."""
     # No worker runs: this queue sees what is redriven, with its routing key.
-    caught = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await caught.bind(input_exchange_name(base))
-    yield DeadLetters(connection, channel, base, caught)
-    await delete_topology(await connection.channel(), base, PARTITIONS)
-    await connection.close()
+    caught = await broker.channel.declare_queue(exclusive=True, auto_delete=True)
+    await caught.bind(input_exchange_name(broker.base))
+    return DeadLetters(broker, caught)
 
 
 async def test_list_counts_each_queue_and_the_age_of_its_oldest(dead_letters: DeadLetters) -> None:
@@ -153,7 +127,7 @@ async def test_list_counts_each_queue_and_the_age_of_its_oldest(dead_letters: De
     throttled_row = next(row for row in rows if row.startswith(THROTTLED))
     assert throttled_row.split()[1:4] == ["2", "3h", "02m"]
     assert len({row.index(".dlq.") for row in rows}) == 1  # aligned
-    assert await dead_letters.count(THROTTLED) == 2
+    assert await dead_letters.broker.dead_letter_count(THROTTLED) == 2
 
 
 async def test_show_masks_bodies_removes_nothing_and_keeps_order(
@@ -174,7 +148,7 @@ async def test_show_masks_bodies_removes_nothing_and_keeps_order(
     assert "DestinationId, Event{Content, ContentType, Type}, SourceId" in out
     assert PHONE not in out and "5557654321" not in out and CONTENT not in out
     # And all three are still there, in their order
-    kept = await dead_letters.take(INVALID)
+    kept = await dead_letters.broker.take_dead_letters(INVALID)
     assert [message.message_id for message in kept] == ["m-0", "m-1", "m-2"]
 
 
@@ -208,7 +182,7 @@ async def test_show_reveal_prints_the_body(dead_letters: DeadLetters) -> None:
 
     assert code == 0, err
     assert PHONE in out and CONTENT in out
-    assert await dead_letters.count(INVALID) == 1
+    assert await dead_letters.broker.dead_letter_count(INVALID) == 1
 
 
 async def test_redrive_all_keeps_body_properties_and_routing_key(
@@ -237,8 +211,8 @@ async def test_redrive_all_keeps_body_properties_and_routing_key(
         assert message.routing_key == original.headers["x-original-routing-key"]
         assert message.headers["app-header"] == "kept"
         assert message.headers["x-redrive-count"] == "1"
-    assert await dead_letters.count(THROTTLED) == 0
-    assert await dead_letters.count(UNKNOWN) == 0
+    assert await dead_letters.broker.dead_letter_count(THROTTLED) == 0
+    assert await dead_letters.broker.dead_letter_count(UNKNOWN) == 0
 
 
 async def test_a_second_round_trip_counts_two_redrives(dead_letters: DeadLetters) -> None:
@@ -273,8 +247,8 @@ async def test_redrive_one_variant_within_a_limit(dead_letters: DeadLetters) -> 
 
     assert code == 0, err
     assert [m.message_id for m in await dead_letters.take_redriven()] == ["m-0", "m-1"]
-    assert [m.message_id for m in await dead_letters.take(THROTTLED)] == ["m-2"]
-    assert await dead_letters.count(UNKNOWN) == 1
+    assert [m.message_id for m in await dead_letters.broker.take_dead_letters(THROTTLED)] == ["m-2"]
+    assert await dead_letters.broker.dead_letter_count(UNKNOWN) == 1
 
 
 async def test_redrive_dry_run_moves_nothing(dead_letters: DeadLetters) -> None:
@@ -287,7 +261,10 @@ async def test_redrive_dry_run_moves_nothing(dead_letters: DeadLetters) -> None:
     assert f"would redrive 1 of 1 dead letter(s) from {dead_letters.base}.dlq.{THROTTLED}" in out
     assert UNKNOWN not in out
     assert await dead_letters.take_redriven() == []
-    assert await dead_letters.count(THROTTLED) == 1 and await dead_letters.count(UNKNOWN) == 1
+    assert (
+        await dead_letters.broker.dead_letter_count(THROTTLED) == 1
+        and await dead_letters.broker.dead_letter_count(UNKNOWN) == 1
+    )
 
 
 async def test_redrive_with_nothing_to_move_exits_1(dead_letters: DeadLetters) -> None:
@@ -318,13 +295,16 @@ async def test_purge_refuses_without_yes_then_purges(dead_letters: DeadLetters) 
     assert code == 1
     assert f"would purge 1 dead letter(s) from {dead_letters.base}.dlq.{THROTTLED}" in out
     assert "--yes" in err
-    assert await dead_letters.count(THROTTLED) == 1
+    assert await dead_letters.broker.dead_letter_count(THROTTLED) == 1
 
     # When it runs with --yes, every dead-letter queue is empty
     code, out, err = await run_dlq(dead_letters.base, "purge", "--yes")
     assert code == 0, err
     assert "purged 2 dead letter(s)" in out
-    assert await dead_letters.count(THROTTLED) == 0 and await dead_letters.count(UNKNOWN) == 0
+    assert (
+        await dead_letters.broker.dead_letter_count(THROTTLED) == 0
+        and await dead_letters.broker.dead_letter_count(UNKNOWN) == 0
+    )
 
 
 async def test_purge_older_than_removes_old_ones_from_the_head(dead_letters: DeadLetters) -> None:
@@ -339,8 +319,11 @@ async def test_purge_older_than_removes_old_ones_from_the_head(dead_letters: Dea
     # Then the old head goes, and everything from the first younger one on stays, in order
     assert code == 0, err
     assert "removed 3 dead letter(s)" in out
-    assert [m.message_id for m in await dead_letters.take(THROTTLED)] == ["m-2", "m-3"]
-    assert await dead_letters.count(UNKNOWN) == 0
+    assert [m.message_id for m in await dead_letters.broker.take_dead_letters(THROTTLED)] == [
+        "m-2",
+        "m-3",
+    ]
+    assert await dead_letters.broker.dead_letter_count(UNKNOWN) == 0
 
 
 @pytest.mark.parametrize(
@@ -376,7 +359,7 @@ async def test_redrive_refused_by_the_broker_keeps_the_dead_letter() -> None:
             # Then the command stops with a clear message and the dead letter stays
             assert code == 1
             assert "returned" in err and "stopped after 0" in err
-            assert [m.message_id for m in await _drain(queue)] == ["kept"]
+            assert [m.message_id for m in await take_ready(queue)] == ["kept"]
         finally:
             await channel.queue_delete(queue.name)
             await channel.exchange_delete(base)

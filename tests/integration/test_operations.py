@@ -8,19 +8,21 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import StartWorker
 from tests.integration.support import (
     Broker,
+    Samples,
     TcpProxy,
     chat_event,
+    control,
     encode,
     free_port,
+    http_get,
     run_dlq,
+    scrape,
     wait_until,
     worker_environment,
 )
@@ -44,30 +46,9 @@ async def publish_event(broker: Broker, body: dict, **properties: Any) -> str:
     return await broker.publish(encode(body), routing_key=conversation_key(body), **properties)
 
 
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    """GET one of the worker's endpoints; a refused connection reads as status 0."""
-    try:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}{path}") as response,
-        ):
-            return response.status, await response.text()
-    except aiohttp.ClientConnectionError:
-        return 0, ""
-
-
 async def status_is(port: int, path: str, expected: int) -> bool:
     """Return True when the endpoint answers with the expected status."""
     return (await http_get(port, path))[0] == expected
-
-
-async def add_rule(simulator: ConnectSimulator, rule: dict[str, Any]) -> None:
-    """Add a fault rule through the simulator's HTTP control API."""
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{simulator.url}/_sim/rules", json=rule) as response,
-    ):
-        assert response.status == 200, await response.text()
 
 
 def delivered_contents(simulator: ConnectSimulator) -> list[str]:
@@ -102,20 +83,6 @@ async def queued_contents(broker: Broker) -> list[str]:
         await wait_until(lambda: len(contents) >= expected, timeout=10)
         await asyncio.sleep(0.2)  # anything beyond the count would show up as a surplus
     return contents
-
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(port: int) -> Samples:
-    """GET /metrics and parse it as Prometheus does: {(sample name, labels): value}."""
-    status, text = await http_get(port, "/metrics")
-    assert status == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -310,8 +277,9 @@ async def test_redriven_dead_letters_are_delivered_and_a_second_failure_counts_t
     # Given five events that Connect refuses once each with InvalidRequestException
     invalid = ErrorVariant.INVALID_REQUEST.value
     not_found = ErrorVariant.RESOURCE_NOT_FOUND.value
-    await add_rule(
+    await control(
         simulator,
+        "rules",
         {"match": {"DestinationId": "flaky"}, "code": "InvalidRequestException", "times": 5},
     )
     await start_worker()
@@ -334,8 +302,9 @@ async def test_redriven_dead_letters_are_delivered_and_a_second_failure_counts_t
     assert simulator.received == []
 
     # When one of them will fail once more (ResourceNotFound), and the operator redrives
-    await add_rule(
+    await control(
         simulator,
+        "rules",
         {"match": {"Event": originals[2]["Event"]}, "code": not_found, "times": 1},
     )
     code, output, _ = await run_dlq(broker.base, "redrive")
@@ -373,8 +342,9 @@ async def test_every_log_line_is_json_with_ids_and_no_personal_data_or_secret(
     await wait_until(lambda: len(simulator.received) == 1)
 
     # When real traffic of every outcome flows: each API error, a retry, malformed bodies
-    await add_rule(
+    await control(
         simulator,
+        "rules",
         {"match": {"DestinationId": "retry-once"}, "code": "InternalServiceException", "times": 1},
     )
     ids[await publish_event(broker, event("retry-once"))] = "delivered"

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, TcpProxy, free_port, wait_until
-from tests.reliability.ledger import Ledger, drained, quiescent, readiness, token_event
+from tests.integration.support import Broker, TcpProxy, free_port, readiness, wait_until
+from tests.reliability.ledger import Ledger, drained, quiescent, token_event
 from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]

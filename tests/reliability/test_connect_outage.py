@@ -12,18 +12,9 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import Broker, control, free_port, metric, readiness, wait_until
 from tests.reliability.conftest import REDIS_URL
-from tests.reliability.ledger import (
-    Ledger,
-    control,
-    drained,
-    metric,
-    quiescent,
-    readiness,
-    received_tokens,
-    remembered_ids,
-)
+from tests.reliability.ledger import Ledger, drained, quiescent, received_tokens, remembered_ids
 from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]

@@ -10,9 +10,9 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import Broker, free_port, metric, wait_until
 from tests.reliability.conftest import REDIS_URL
-from tests.reliability.ledger import metric, quiescent, received_tokens, token_event
+from tests.reliability.ledger import quiescent, received_tokens, token_event
 from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]

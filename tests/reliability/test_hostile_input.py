@@ -21,14 +21,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import Broker, free_port, readiness, wait_until
 from tests.reliability.ledger import (
     Ledger,
     Tally,
     dead_letter_total,
     drained,
     quiescent,
-    readiness,
     request_key,
     token_event,
 )

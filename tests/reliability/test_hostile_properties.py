@@ -12,8 +12,8 @@ import signal
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, run_dlq, wait_until
-from tests.reliability.ledger import Ledger, metric, quiescent, readiness, token_event
+from tests.integration.support import Broker, free_port, metric, readiness, run_dlq, wait_until
+from tests.reliability.ledger import Ledger, quiescent, token_event
 from worker.amqp_compat import text_from_wire, text_to_wire
 from worker.models import conversation_key
 from worker.testing.simulator import ConnectSimulator

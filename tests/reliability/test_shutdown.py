@@ -8,7 +8,7 @@ get what is left of the bound and are abandoned after it, their events handed ba
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import Broker, control, free_port, readiness, wait_until
 from tests.integration.test_ordering import (
     CONVERSATIONS,
     EVENTS,
@@ -17,7 +17,7 @@ from tests.integration.test_ordering import (
     publish_interleaved,
     turns_by_conversation,
 )
-from tests.reliability.ledger import Ledger, control, drained, readiness
+from tests.reliability.ledger import Ledger, drained
 from worker.settings import WorkerSettings
 from worker.testing.simulator import ConnectSimulator
 
