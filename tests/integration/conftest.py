@@ -11,6 +11,7 @@ from tests.integration.support import (
     AMQP_URL,
     Broker,
     WorkerProcess,
+    free_port,
     wait_until,
     worker_environment,
 )
@@ -40,11 +41,15 @@ StartWorker = Callable[..., Awaitable[WorkerProcess]]
 async def start_worker(
     broker: Broker, simulator: ConnectSimulator, tmp_path: Path
 ) -> AsyncIterator[StartWorker]:
-    """Start worker processes; wait until each consumes; kill any left at the end."""
+    """Start worker processes; wait until each consumes; kill any left at the end.
+
+    Each serves health and metrics on a free port of its own (`WorkerProcess.port`).
+    """
     started: list[WorkerProcess] = []
 
     async def start(**extra: str) -> WorkerProcess:
         log_path = tmp_path / f"worker-{len(started)}.log"
+        extra.setdefault("WORKER_HTTP_PORT", str(free_port()))
         worker = await WorkerProcess.start(worker_environment(broker, simulator, **extra), log_path)
         started.append(worker)
         await wait_until(lambda: _consuming(worker), timeout=30.0)

@@ -135,9 +135,11 @@ class Broker:
 class WorkerProcess:
     """The real `python -m worker run`, as a subprocess with its output in a file."""
 
-    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, log_path: Path, port: int) -> None:
         self.process = process
         self.log_path = log_path
+        self.port = port
+        """Where it serves health and metrics (0: a port of its own choosing)."""
 
     @classmethod
     async def start(cls, env: dict[str, str], log_path: Path, *args: str) -> "WorkerProcess":
@@ -150,7 +152,7 @@ class WorkerProcess:
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=REPO,
             )
-        return cls(process, log_path)
+        return cls(process, log_path, int(env.get("WORKER_HTTP_PORT", "0")))
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         """Send a signal to the worker."""

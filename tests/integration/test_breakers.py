@@ -11,7 +11,6 @@ from tests.integration.support import (
     chat_event,
     control,
     encode,
-    free_port,
     http_get,
     readiness,
     wait_until,
@@ -97,10 +96,7 @@ async def test_access_denied_everywhere_pauses_with_the_backlog_intact(
     # Given Connect refusing the account (a wrong role or expired credentials)
     await control(simulator, "outage", {"seconds": 120, "code": "AccessDeniedException"})
     await publish_all(broker, [body(i) for i in range(40)])
-    port = free_port()
-    await start_worker(
-        WORKER_PREFETCH="8", WORKER_HTTP_PORT=str(port), WORKER_PROBE_SECONDS=str(PROBE_SECONDS)
-    )
+    port = (await start_worker(WORKER_PREFETCH="8", WORKER_PROBE_SECONDS=str(PROBE_SECONDS))).port
 
     # When the worker has met the refusals
     async def paused() -> bool:

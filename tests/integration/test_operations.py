@@ -19,7 +19,6 @@ from tests.integration.support import (
     chat_event,
     control,
     encode,
-    free_port,
     http_get,
     run_dlq,
     scrape,
@@ -110,9 +109,8 @@ async def test_a_network_cut_to_the_broker_loses_nothing_and_consuming_resumes(
     # Given a worker that reaches the broker only through a proxy, ready and consuming
     proxy = TcpProxy()
     await proxy.start()
-    port = free_port()
     try:
-        await start_worker(WORKER_AMQP_URL=proxy.url, WORKER_HTTP_PORT=str(port))
+        port = (await start_worker(WORKER_AMQP_URL=proxy.url)).port
         await wait_until(lambda: status_is(port, "/readyz", 200), timeout=10)
         before = [f"before {i}" for i in range(8)]
         for i, content in enumerate(before):
@@ -161,9 +159,9 @@ async def test_log_lines_stay_json_when_the_broker_connection_is_lost(
     # Given a worker connected through a proxy
     proxy = TcpProxy()
     await proxy.start()
-    port = free_port()
     try:
-        worker = await start_worker(WORKER_AMQP_URL=proxy.url, WORKER_HTTP_PORT=str(port))
+        worker = await start_worker(WORKER_AMQP_URL=proxy.url)
+        port = worker.port
         logged_before_cut = len(worker.log_lines())
 
         # When the network to the broker is cut for a moment
@@ -410,8 +408,7 @@ async def test_metrics_count_each_outcome(
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
 ) -> None:
     # Given a worker with its HTTP endpoints on a known port
-    port = free_port()
-    await start_worker(WORKER_HTTP_PORT=str(port))
+    port = (await start_worker()).port
 
     # When 10 events are delivered, 2 refused as invalid, 1 not found and 3 are malformed
     for i in range(10):
@@ -460,8 +457,7 @@ async def test_metrics_count_accepted_api_calls_as_ok(
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
 ) -> None:
     # Given a worker with its HTTP endpoints on a known port
-    port = free_port()
-    await start_worker(WORKER_HTTP_PORT=str(port))
+    port = (await start_worker()).port
 
     # When Connect accepts three events
     for i in range(3):
@@ -484,8 +480,8 @@ async def _metric_is(port: int, name: str, expected: float) -> bool:
 
 async def test_healthz_is_ok_while_running(broker: Broker, start_worker: StartWorker) -> None:
     # Given a running worker
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port))
+    worker = await start_worker()
+    port = worker.port
 
     # When a probe asks whether it is alive
     status, text = await http_get(port, "/healthz")

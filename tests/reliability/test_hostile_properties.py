@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, metric, readiness, run_dlq, wait_until
+from tests.integration.support import Broker, metric, readiness, run_dlq, wait_until
 from tests.reliability.ledger import Ledger, quiescent, token_event
 from worker.amqp_compat import text_from_wire, text_to_wire
 from worker.models import conversation_key
@@ -68,8 +68,8 @@ async def test_odd_bytes_in_every_property_leave_the_conversation_in_order(
     await ledger.publish(broker, token_event("last", CONVERSATION), "last", KEY)
 
     # When one worker consumes them
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port))
+    worker = await start_worker()
+    port = worker.port
     await wait_until(lambda: quiescent(broker, port), timeout=30, every=0.25)
 
     # Then every valid event reached Connect once, in publish order, and nothing is left

@@ -8,7 +8,7 @@ get what is left of the bound and are abandoned after it, their events handed ba
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, control, free_port, readiness, wait_until
+from tests.integration.support import Broker, control, readiness, wait_until
 from tests.integration.test_ordering import (
     CONVERSATIONS,
     EVENTS,
@@ -84,8 +84,8 @@ async def test_sigterm_while_the_outage_breaker_is_open_exits_at_once_and_loses_
     # Given a backlog, and a worker that paused because Connect fails every call
     ledger = Ledger()
     await ledger.publish_tokens(broker, 300, prefix="outage")
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port), **BUDGETS)
+    worker = await start_worker(**BUDGETS)
+    port = worker.port
     await wait_until(lambda: len(simulator.received) >= 20, timeout=30)
     await control(simulator, "outage", {"seconds": 300, "code": "InternalServiceException"})
     await wait_until(lambda: _paused(port), timeout=10)
