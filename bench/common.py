@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: the simulator process, traffic, worker processes, reports."""
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -11,7 +12,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,14 @@ import aiohttp
 
 from worker.models import conversation_key
 from worker.ops.publish import event_message
+from worker.testing.environment import simulated_worker_environment
 from worker.topology import declare_topology, delete_topology, work_queue_names
 
 REPO = Path(__file__).resolve().parents[1]
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PARTITIONS = 8
+PREFETCH = 64
+"""Unacked messages per consumer process: the worker's default, and the bare loop's."""
 
 
 def free_port() -> int:
@@ -68,6 +72,13 @@ class Simulator:
             self.process.terminate()
             await self.process.wait()
 
+    async def __aenter__(self) -> "Simulator":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
     async def get(self, what: str) -> Any:
         """GET a control endpoint."""
         async with aiohttp.ClientSession() as http, http.get(f"{self.url}/_sim/{what}") as r:
@@ -85,21 +96,17 @@ class Simulator:
         return list((await self.get("calls"))["calls"])
 
 
+def chat_message(conversation: int, content: str) -> bytes:
+    """Return a valid MESSAGE event of one conversation (its customer's number)."""
+    event = {"Type": "MESSAGE", "ContentType": "text/plain", "Content": content}
+    body = {"SourceId": f"+1555{conversation:07d}", "DestinationId": "+18005550199"}
+    return json.dumps({**body, "Event": event}).encode()
+
+
 def sample_events(count: int, conversations: int) -> Iterator[bytes]:
     """Yield `count` valid MESSAGE events spread round-robin over conversations."""
     for index in range(count):
-        chat = index % conversations
-        yield json.dumps(
-            {
-                "SourceId": f"+1555{chat:07d}",
-                "DestinationId": "+18005550199",
-                "Event": {
-                    "Type": "MESSAGE",
-                    "ContentType": "text/plain",
-                    "Content": f"bench message {index}",
-                },
-            }
-        ).encode()
+        yield chat_message(index % conversations, f"bench message {index}")
 
 
 @asynccontextmanager
@@ -139,26 +146,20 @@ async def backlog_size(channel: Any, base: str, partitions: int = PARTITIONS) ->
 
 
 def worker_env(base: str, endpoint: str, **settings: str) -> dict[str, str]:
-    """Return a worker process environment pointed at the simulator."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "AWS_"))}
-    env.update(
-        WORKER_AMQP_URL=AMQP_URL,
-        WORKER_QUEUE=base,
-        WORKER_PARTITIONS=str(PARTITIONS),
-        WORKER_HTTP_PORT="0",
-        WORKER_LOG_LEVEL="WARNING",
-        AWS_ENDPOINT_URL_CONNECT=endpoint,
-        AWS_ACCESS_KEY_ID="AKIDBENCH",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    env.update(settings)
-    return env
+    """Return the environment of a worker on topology `base`: its defaults, INFO logs."""
+    defaults = {
+        "WORKER_PARTITIONS": str(PARTITIONS),
+        "WORKER_PREFETCH": str(PREFETCH),
+        "WORKER_LOG_LEVEL": "INFO",
+    }
+    return simulated_worker_environment(AMQP_URL, base, endpoint, **{**defaults, **settings})
 
 
-async def start_workers(count: int, env: dict[str, str]) -> list[asyncio.subprocess.Process]:
-    """Start worker processes."""
+async def start_workers(
+    count: int, base: str, endpoint: str, **settings: str
+) -> list[asyncio.subprocess.Process]:
+    """Start worker processes on topology `base`, calling the simulator at `endpoint`."""
+    env = worker_env(base, endpoint, **settings)
     return [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -174,13 +175,33 @@ async def start_workers(count: int, env: dict[str, str]) -> list[asyncio.subproc
     ]
 
 
-async def stop_workers(processes: list[asyncio.subprocess.Process]) -> None:
-    """SIGTERM the workers and wait for them."""
+async def stop_processes(processes: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM consumer processes (workers or bare loops) still running and wait for them."""
     for process in processes:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
     for process in processes:
         await asyncio.wait_for(process.wait(), 60)
+
+
+@asynccontextmanager
+async def stopped_after(
+    processes: list[asyncio.subprocess.Process],
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Yield consumer processes; stop them when the block ends, however it ends."""
+    try:
+        yield processes
+    finally:
+        await stop_processes(processes)
+
+
+@asynccontextmanager
+async def running_worker(
+    base: str, endpoint: str, **settings: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run one worker process on topology `base` for the block; stop it at the end."""
+    async with stopped_after(await start_workers(1, base, endpoint, **settings)) as (worker,):
+        yield worker
 
 
 async def wait_for(predicate: Any, timeout: float, every: float = 0.2) -> bool:
@@ -384,7 +405,7 @@ async def publish_to_queue(channel: Any, name: str, bodies: list[bytes]) -> None
 
 
 async def start_baseline(
-    queue: str | list[str], endpoint: str, count: int, prefetch: int = 64, tuned: bool = False
+    queue: str | list[str], endpoint: str, count: int, prefetch: int = PREFETCH, tuned: bool = False
 ) -> asyncio.subprocess.Process:
     """Start `python -m bench.baseline` on queues; it exits after acking `count` events.
 
@@ -411,10 +432,35 @@ async def start_baseline(
     )
 
 
+@asynccontextmanager
+async def running_baseline(
+    queue: str, endpoint: str, prefetch: int = PREFETCH
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run the bare loop on a queue for the block (it stops only when told); stop it at the end."""
+    async with stopped_after([await start_baseline(queue, endpoint, 0, prefetch)]) as (process,):
+        yield process
+
+
 def command_line() -> str:
     """Return the command that ran this benchmark, to print under its table."""
     module = Path(sys.argv[0]).with_suffix("").relative_to(REPO).as_posix().replace("/", ".")
     return " ".join(["python", "-m", module, *sys.argv[1:]])
+
+
+def print_report(setup: str, *sections: str) -> None:
+    """Print what ran and how, the report's sections, and the command that repeats it."""
+    print(f"\n{setup}\n")
+    print("\n\n".join(sections))
+    print(f"\n$ {command_line()}")
+
+
+def drain_parser(description: str | None, repeats: int) -> argparse.ArgumentParser:
+    """Return the flags of a benchmark that drains backlogs: their size, spread and count."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--conversations", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
 
 
 @asynccontextmanager

@@ -25,22 +25,23 @@ from typing import Any
 import aio_pika
 
 from bench.common import (
+    PARTITIONS,
+    PREFETCH,
     CpuSampler,
     Simulator,
-    command_line,
+    chat_message,
     consumers_ready,
     median,
     plain_queue,
+    print_report,
+    running_baseline,
+    running_worker,
     sample_events,
-    start_baseline,
-    start_workers,
-    stop_workers,
     table,
     topology,
     wait_for,
-    worker_env,
 )
-from bench.throughput import PREFETCH, baseline_drain, worker_drain
+from bench.throughput import baseline_drain, worker_drain
 from worker.models import conversation_key
 from worker.ops.publish import event_message
 from worker.topology import work_queue_names
@@ -66,18 +67,7 @@ class Latencies:
 
 def stamped_event(index: int) -> bytes:
     """Return a valid MESSAGE event whose Content starts with its publish time."""
-    chat = index % CONVERSATIONS
-    return json.dumps(
-        {
-            "SourceId": f"+1555{chat:07d}",
-            "DestinationId": "+18005550199",
-            "Event": {
-                "Type": "MESSAGE",
-                "ContentType": "text/plain",
-                "Content": f"{time.time():.6f} latency message {index}",
-            },
-        }
-    ).encode()
+    return chat_message(index % CONVERSATIONS, f"{time.time():.6f} latency message {index}")
 
 
 def published_at(call: dict[str, Any]) -> float:
@@ -134,40 +124,30 @@ async def measure(
 
 async def worker_latency(sim: Simulator, rate: float, warmup: float, seconds: float) -> Latencies:
     """Measure the worker (its defaults, INFO logs) fed through its input exchange."""
-    async with topology() as (base, channel):
-        env = worker_env(base, sim.url, WORKER_LOG_LEVEL="INFO", WORKER_PREFETCH=str(PREFETCH))
-        workers = await start_workers(1, env)
-        try:
-            queues = work_queue_names(base, 8)
-            if not await wait_for(lambda: consumers_ready(channel, queues), timeout=60):
-                raise RuntimeError("the worker did not start consuming")
-            exchange = await channel.get_exchange(base)
+    async with topology() as (base, channel), running_worker(base, sim.url) as worker:
+        queues = work_queue_names(base, PARTITIONS)
+        if not await wait_for(lambda: consumers_ready(channel, queues), timeout=60):
+            raise RuntimeError("the worker did not start consuming")
+        exchange = await channel.get_exchange(base)
 
-            async def publish(body: bytes) -> Any:
-                key = conversation_key(json.loads(body))
-                return await exchange.publish(event_message(body), routing_key=key)
+        async def publish(body: bytes) -> Any:
+            key = conversation_key(json.loads(body))
+            return await exchange.publish(event_message(body), routing_key=key)
 
-            return await measure(sim, workers[0].pid, publish, rate, warmup, seconds)
-        finally:
-            await stop_workers(workers)
+        return await measure(sim, worker.pid, publish, rate, warmup, seconds)
 
 
 async def baseline_latency(sim: Simulator, rate: float, warmup: float, seconds: float) -> Latencies:
     """Measure the bare loop fed through its plain quorum queue."""
-    async with plain_queue() as (name, channel):
-        process = await start_baseline(name, sim.url, 0, PREFETCH)
-        try:
-            if not await wait_for(lambda: consumers_ready(channel, [name]), timeout=60):
-                raise RuntimeError("the baseline did not start consuming")
-            exchange: aio_pika.abc.AbstractExchange = channel.default_exchange
+    async with plain_queue() as (name, channel), running_baseline(name, sim.url) as process:
+        if not await wait_for(lambda: consumers_ready(channel, [name]), timeout=60):
+            raise RuntimeError("the baseline did not start consuming")
+        exchange: aio_pika.abc.AbstractExchange = channel.default_exchange
 
-            async def publish(body: bytes) -> Any:
-                return await exchange.publish(event_message(body), routing_key=name)
+        async def publish(body: bytes) -> Any:
+            return await exchange.publish(event_message(body), routing_key=name)
 
-            return await measure(sim, process.pid, publish, rate, warmup, seconds)
-        finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 30)
+        return await measure(sim, process.pid, publish, rate, warmup, seconds)
 
 
 async def capacity(sim: Simulator) -> tuple[float, float]:
@@ -208,38 +188,37 @@ def summary(results: dict[str, list[Latencies]]) -> str:
 
 async def main(rate: float | None, seconds: float, warmup: float, repeats: int) -> None:
     """Find the load, run the contenders alternately, and print every run and the medians."""
-    sim = Simulator()
-    await sim.start()
     results: dict[str, list[Latencies]] = {"worker": [], "baseline": []}
     runs = {"worker": worker_latency, "baseline": baseline_latency}
     rows = [["run", "events", "p50 ms", "p90 ms", "p99 ms", "max ms", "CPU µs/ev"]]
-    try:
+    async with Simulator() as sim:
         if rate is None:
-            worker_capacity, baseline_capacity = await capacity(sim)
-            rate = worker_capacity / 2
-            print(
-                f"capacity: worker {worker_capacity:.0f} ev/s, baseline "
-                f"{baseline_capacity:.0f} ev/s -> load {rate:.0f} ev/s for both",
-                flush=True,
-            )
+            rate = await half_capacity(sim)
         for attempt in range(1, repeats + 1):
             for name, run in runs.items():
                 latencies = await run(sim, rate, warmup, seconds)
                 results[name].append(latencies)
                 rows.append(row(f"{name} #{attempt}", latencies))
-                print(
-                    f"done: {name} #{attempt}: p50 {latencies.percentile(0.5):.1f} ms", flush=True
-                )
-    finally:
-        await sim.stop()
-    print(
-        f"\nsteady load {rate:.0f} ev/s for {warmup:g} s warm-up + {seconds:g} s measured, "
-        f"{CONVERSATIONS} conversations, prefetch {PREFETCH}, simulator without quota or latency\n"
+                p50 = latencies.percentile(0.5)
+                print(f"done: {name} #{attempt}: p50 {p50:.1f} ms", flush=True)
+    print_report(
+        f"steady load {rate:.0f} ev/s for {warmup:g} s warm-up + {seconds:g} s measured, "
+        f"{CONVERSATIONS} conversations, prefetch {PREFETCH}, simulator without quota or latency",
+        table(rows),
+        summary(results),
     )
-    print(table(rows))
-    print()
-    print(summary(results))
-    print(f"\n$ {command_line()}")
+
+
+async def half_capacity(sim: Simulator) -> float:
+    """Return half the worker's capacity: the load both contenders get."""
+    worker_capacity, baseline_capacity = await capacity(sim)
+    rate = worker_capacity / 2
+    print(
+        f"capacity: worker {worker_capacity:.0f} ev/s, baseline "
+        f"{baseline_capacity:.0f} ev/s -> load {rate:.0f} ev/s for both",
+        flush=True,
+    )
+    return rate
 
 
 if __name__ == "__main__":

@@ -29,16 +29,14 @@ from typing import Any
 
 from bench.common import (
     Simulator,
-    command_line,
     plain_queue,
+    print_report,
     rss_bytes,
+    running_baseline,
+    running_worker,
     sample_events,
-    start_baseline,
-    start_workers,
-    stop_workers,
     table,
     topology,
-    worker_env,
 )
 from worker.models import conversation_key
 from worker.ops.publish import event_message
@@ -150,14 +148,10 @@ async def worker_memory(
                 )
             )
 
-        env = worker_env(
-            base, sim.url, WORKER_LOG_LEVEL="INFO", WORKER_PREFETCH=str(prefetch), **settings
-        )
-        workers = await start_workers(1, env)
-        try:
-            return await run("worker", sim, workers[0].pid, publish_batch, bodies, window, warmup)
-        finally:
-            await stop_workers(workers)
+        async with running_worker(
+            base, sim.url, WORKER_PREFETCH=str(prefetch), **settings
+        ) as worker:
+            return await run("worker", sim, worker.pid, publish_batch, bodies, window, warmup)
 
 
 async def baseline_memory(
@@ -172,12 +166,8 @@ async def baseline_memory(
                 *(exchange.publish(event_message(body), routing_key=name) for body in batch)
             )
 
-        process = await start_baseline(name, sim.url, 0, prefetch)
-        try:
+        async with running_baseline(name, sim.url, prefetch) as process:
             return await run("baseline", sim, process.pid, publish_batch, bodies, window, warmup)
-        finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 30)
 
 
 def report(profiles: dict[str, Profile]) -> str:
@@ -217,25 +207,19 @@ async def main(
     baseline: bool,
 ) -> None:
     """Run the worker, then the bare loop, and print both profiles side by side."""
-    sim = Simulator()
-    await sim.start()
     bodies = list(sample_events(events, conversations=1000))
     profiles: dict[str, Profile] = {}
-    try:
+    async with Simulator() as sim:
         profiles["worker"] = await worker_memory(sim, bodies, prefetch, window, warmup, settings)
         if baseline:
             profiles["baseline"] = await baseline_memory(sim, bodies, prefetch, window, warmup)
-    finally:
-        await sim.stop()
-    print(
-        f"\n{events} events over 1000 conversations, prefetch {prefetch}, warm-up {warmup} "
+    setup = (
+        f"{events} events over 1000 conversations, prefetch {prefetch}, warm-up {warmup} "
         "events, simulator without quota or latency"
     )
     if settings:
-        print("worker settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
-    print()
-    print(report(profiles))
-    print(f"\n$ {command_line()}")
+        setup += "\nworker settings: " + " ".join(f"{k}={v}" for k, v in settings.items())
+    print_report(setup, report(profiles))
 
 
 if __name__ == "__main__":

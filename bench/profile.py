@@ -30,15 +30,12 @@ from bench.common import (
     sample_events,
     start_baseline,
     start_workers,
-    stop_workers,
+    stop_processes,
     table,
     topology,
     wait_for,
-    worker_env,
 )
 from worker.topology import work_queue_names
-
-PREFETCH = 64
 
 
 def parse_stacks(text: str) -> tuple[collections.Counter[str], collections.Counter[str], int]:
@@ -78,38 +75,32 @@ async def start_contender(
 ) -> asyncio.subprocess.Process:
     """Start the contender on the topology `base`."""
     if contender == "worker":
-        env = worker_env(base, sim.url, WORKER_LOG_LEVEL="INFO", WORKER_PREFETCH=str(PREFETCH))
-        (process,) = await start_workers(1, env)
+        (process,) = await start_workers(1, base, sim.url)
         return process
     queues = work_queue_names(base, PARTITIONS)
-    return await start_baseline(queues, sim.url, events, PREFETCH, tuned=contender == "tuned")
+    return await start_baseline(queues, sim.url, events, tuned=contender == "tuned")
 
 
 async def profile(contender: str, events: int, output: Path) -> None:
     """Drain a backlog with the contender under py-spy; write the collapsed stacks."""
-    sim = Simulator()
-    await sim.start()
-    try:
-        async with topology() as (base, channel):
-            await publish_backlog(channel, base, list(sample_events(events, 1000)))
-            await sim.post("reset")
-            process = await start_contender(contender, sim, base, events)
-            spy = await asyncio.create_subprocess_exec(
-                "py-spy", "record", "--pid", str(process.pid), "--rate", "100", "--format", "raw",
-                "--output", str(output),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
+    async with Simulator() as sim, topology() as (base, channel):
+        await publish_backlog(channel, base, list(sample_events(events, 1000)))
+        await sim.post("reset")
+        process = await start_contender(contender, sim, base, events)
+        spy = await asyncio.create_subprocess_exec(
+            "py-spy", "record", "--pid", str(process.pid), "--rate", "100", "--format", "raw",
+            "--output", str(output),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
 
-            async def drained() -> bool:
-                return int((await sim.get("stats"))["received"]) >= events
+        async def drained() -> bool:
+            return int((await sim.get("stats"))["received"]) >= events
 
-            await wait_for(drained, events / 50 + 60, every=0.25)
-            if spy.returncode is None:  # the bare loop exits by itself, and py-spy with it
-                spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
-            await asyncio.wait_for(spy.wait(), 30)
-            await stop_workers([process])
-    finally:
-        await sim.stop()
+        await wait_for(drained, events / 50 + 60, every=0.25)
+        if spy.returncode is None:  # the bare loop exits by itself, and py-spy with it
+            spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
+        await asyncio.wait_for(spy.wait(), 30)
+        await stop_processes([process])
 
 
 def main() -> None:

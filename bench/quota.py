@@ -22,11 +22,10 @@ from bench.common import (
     publish_backlog,
     sample_events,
     start_workers,
-    stop_workers,
+    stop_processes,
     table,
     topology,
     wait_for,
-    worker_env,
 )
 from worker.pipeline.errors import ErrorVariant
 from worker.topology import dead_letter_queue_name
@@ -81,13 +80,15 @@ async def worker_run(sim: Simulator, replicas: int, bodies: list[bytes], **setti
     """Drain the backlog with worker processes; return the number of dead letters."""
     async with topology() as (base, channel):
         await publish_backlog(channel, base, bodies)
-        workers = await start_workers(replicas, worker_env(base, sim.url, **settings))
+        workers = await start_workers(
+            replicas, base, sim.url, WORKER_LOG_LEVEL="WARNING", **settings
+        )
 
         async def drained() -> bool:
             return int((await sim.get("stats"))["received"]) >= len(bodies)
 
         await wait_for(drained, timeout=10 * len(bodies) / sim.flags["rate"] + 60)
-        await stop_workers(workers)
+        await stop_processes(workers)
         dead = 0
         for variant in ErrorVariant:
             queue = await channel.declare_queue(dead_letter_queue_name(base, variant), passive=True)
@@ -97,29 +98,25 @@ async def worker_run(sim: Simulator, replicas: int, bodies: list[bytes], **setti
 
 async def main(events: int, rate: float, burst: int) -> None:
     """Run every contender against a fresh bucket and print the table."""
-    sim = Simulator(rate=rate, burst=burst, latency_ms=20, jitter_ms=10)
-    await sim.start()
     bodies = list(sample_events(events, conversations=events // 5))
     rows = [["run", "delivered", "gave up/DLQ", "calls", "throttled", "drain s", "quota used"]]
-    contenders: list[tuple[str, Callable[[], Awaitable[int]]]] = [
-        ("worker, 1 replica", lambda: worker_run(sim, 1, bodies)),
-        ("worker, 2 replicas", lambda: worker_run(sim, 2, bodies)),
+    contenders: list[tuple[str, Callable[[Simulator], Awaitable[int]]]] = [
+        ("worker, 1 replica", lambda sim: worker_run(sim, 1, bodies)),
+        ("worker, 2 replicas", lambda sim: worker_run(sim, 2, bodies)),
         (
             "worker, 2 replicas, spread",
-            lambda: worker_run(sim, 2, bodies, WORKER_SPREAD_PARTITIONS="true"),
+            lambda sim: worker_run(sim, 2, bodies, WORKER_SPREAD_PARTITIONS="true"),
         ),
-        ("aiobotocore adaptive", lambda: bare_client(sim, "adaptive", bodies)),
-        ("aiobotocore standard", lambda: bare_client(sim, "standard", bodies)),
+        ("aiobotocore adaptive", lambda sim: bare_client(sim, "adaptive", bodies)),
+        ("aiobotocore standard", lambda sim: bare_client(sim, "standard", bodies)),
     ]
-    try:
+    async with Simulator(rate=rate, burst=burst, latency_ms=20, jitter_ms=10) as sim:
         for name, run in contenders:
             await sim.post("reset")
             await asyncio.sleep(1.0)
-            failed = await run()
+            failed = await run(sim)
             rows.append(summarise(name, await sim.calls(), rate, failed))
             print(f"done: {name}", flush=True)
-    finally:
-        await sim.stop()
     print(f"\n{events} events, quota {rate:g} req/s burst {burst}, concurrency/prefetch 64\n")
     print(table(rows))
 

@@ -27,22 +27,23 @@ machine that also runs the broker and the simulator, the speed-up of 2 processes
 by the cores they share, as the bare loops show.
 """
 
-import argparse
 import asyncio
 from collections.abc import Awaitable, Callable
 
 from bench.common import (
+    PREFETCH,
     Drain,
     Simulator,
-    command_line,
+    drain_parser,
     median,
     plain_queue,
+    print_report,
     publish_to_queue,
     sample_events,
     start_baseline,
     table,
 )
-from bench.throughput import PREFETCH, drain_processes, worker_drain
+from bench.throughput import drain_processes, worker_drain
 
 Run = Callable[[Simulator, list[bytes]], Awaitable[Drain]]
 
@@ -64,7 +65,7 @@ def bare_loops(processes: int) -> Run:
         async with plain_queue() as (name, channel):
             await publish_to_queue(channel, name, bodies)
             await sim.post("reset")
-            started = [await start_baseline(name, sim.url, 0, PREFETCH) for _ in range(processes)]
+            started = [await start_baseline(name, sim.url, 0) for _ in range(processes)]
             return await drain_processes(sim, started, len(bodies))
 
     return run
@@ -104,45 +105,33 @@ def summary(results: dict[str, list[Drain]]) -> str:
     return table(rows)
 
 
+def run_row(name: str, drain: Drain) -> list[str]:
+    """Return the table row of one run."""
+    per_process = " / ".join(f"{cpu:.1f}" for cpu in drain.process_cpu)
+    rates = [f"{drain.rate:.0f}", f"{drain.late_rate:.0f}"]
+    return [name, *rates, f"{drain.cpu_us_per_event:.0f}", per_process]
+
+
 async def main(events: int, conversations: int, repeats: int) -> None:
     """Alternate the configurations against one simulator and print every run and medians."""
-    sim = Simulator()
-    await sim.start()
     bodies = list(sample_events(events, conversations))
     results: dict[str, list[Drain]] = {name: [] for name in CONFIGURATIONS}
     rows = [["run", "ev/s", "ev/s 2nd half", "CPU µs/ev", "CPU s/process"]]
-    try:
+    async with Simulator() as sim:
         for attempt in range(1, repeats + 1):
             for name, run in CONFIGURATIONS.items():
                 drain = await run(sim, bodies)
                 results[name].append(drain)
-                per_process = " / ".join(f"{cpu:.1f}" for cpu in drain.process_cpu)
-                rows.append(
-                    [
-                        f"{name} #{attempt}",
-                        f"{drain.rate:.0f}",
-                        f"{drain.late_rate:.0f}",
-                        f"{drain.cpu_us_per_event:.0f}",
-                        per_process,
-                    ]
-                )
+                rows.append(run_row(f"{name} #{attempt}", drain))
                 print(f"done: {name} #{attempt}: {drain.rate:.0f} ev/s", flush=True)
-    finally:
-        await sim.stop()
-    print(
-        f"\n{events} events over {conversations} conversations, prefetch {PREFETCH} per "
-        "process, simulator without quota or latency\n"
+    print_report(
+        f"{events} events over {conversations} conversations, prefetch {PREFETCH} per "
+        "process, simulator without quota or latency",
+        table(rows),
+        summary(results),
     )
-    print(table(rows))
-    print()
-    print(summary(results))
-    print(f"\n$ {command_line()}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--conversations", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=2)
-    options = parser.parse_args()
+    options = drain_parser(__doc__, repeats=2).parse_args()
     asyncio.run(main(options.events, options.conversations, options.repeats))

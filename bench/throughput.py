@@ -27,33 +27,31 @@ the other still see different noise, `--paired` runs drain the worker and the ba
 same moment, from two copies of the worker topology, and compare their CPU per event.
 """
 
-import argparse
 import asyncio
 from collections.abc import Awaitable, Callable
 
 from bench.common import (
     PARTITIONS,
+    PREFETCH,
     CpuSampler,
     Drain,
     Simulator,
-    command_line,
     context_pids,
+    drain_parser,
     measure_drain,
     median,
     plain_queue,
+    print_report,
     publish_backlog,
     publish_to_queue,
     sample_events,
     start_baseline,
     start_workers,
-    stop_workers,
+    stopped_after,
     table,
     topology,
-    worker_env,
 )
 from worker.topology import work_queue_names
-
-PREFETCH = 64
 
 
 def drain_timeout(events: int) -> float:
@@ -68,21 +66,8 @@ async def worker_drain(
     async with topology() as (base, channel):
         await publish_backlog(channel, base, bodies)
         await sim.post("reset")
-        env = worker_env(
-            base,
-            sim.url,
-            WORKER_LOG_LEVEL="INFO",
-            WORKER_PREFETCH=str(PREFETCH),
-            **settings,
-        )
-        workers = await start_workers(replicas, env)
-        sampler = CpuSampler([worker.pid for worker in workers], context_pids(sim))
-        sampler.start()
-        try:
-            return await measure_drain(sim, sampler, len(bodies), drain_timeout(len(bodies)))
-        finally:
-            await sampler.stop()
-            await stop_workers(workers)
+        workers = await start_workers(replicas, base, sim.url, **settings)
+        return await drain_processes(sim, workers, len(bodies))
 
 
 async def baseline_drain(
@@ -93,17 +78,12 @@ async def baseline_drain(
         await publish_to_queue(channel, name, bodies)
         await sim.post("reset")
         process = await start_baseline(name, sim.url, len(bodies), prefetch, tuned)
-        return await _drain_baseline(sim, process, len(bodies))
+        return await drain_processes(sim, [process], len(bodies))
 
 
 async def tuned_baseline_drain(sim: Simulator, bodies: list[bytes]) -> Drain:
     """Drain the backlog with the bare loop given the worker's botocore settings."""
     return await baseline_drain(sim, bodies, tuned=True)
-
-
-async def _drain_baseline(sim: Simulator, process: asyncio.subprocess.Process, count: int) -> Drain:
-    """Measure a running baseline process until the simulator has `count` calls; stop it."""
-    return await drain_processes(sim, [process], count)
 
 
 async def drain_processes(
@@ -112,15 +92,11 @@ async def drain_processes(
     """Measure running consumer processes until the simulator has `count` calls; stop them."""
     sampler = CpuSampler([process.pid for process in processes], context_pids(sim))
     sampler.start()
-    try:
-        return await measure_drain(sim, sampler, count, drain_timeout(count))
-    finally:
-        await sampler.stop()
-        for process in processes:
-            if process.returncode is None:
-                process.terminate()
-        for process in processes:
-            await asyncio.wait_for(process.wait(), 30)
+    async with stopped_after(processes):
+        try:
+            return await measure_drain(sim, sampler, count, drain_timeout(count))
+        finally:
+            await sampler.stop()
 
 
 async def baseline_topology_drain(
@@ -132,7 +108,7 @@ async def baseline_topology_drain(
         await sim.post("reset")
         queues = work_queue_names(base, PARTITIONS)
         process = await start_baseline(queues, sim.url, len(bodies), prefetch)
-        return await _drain_baseline(sim, process, len(bodies))
+        return await drain_processes(sim, [process], len(bodies))
 
 
 async def paired_drain(sim: Simulator, bodies: list[bytes]) -> tuple[float, float]:
@@ -146,21 +122,16 @@ async def paired_drain(sim: Simulator, bodies: list[bytes]) -> tuple[float, floa
         await publish_backlog(worker_channel, worker_base, bodies)
         await publish_backlog(channel, bare_base, bodies)
         await sim.post("reset")
-        env = worker_env(
-            worker_base, sim.url, WORKER_LOG_LEVEL="INFO", WORKER_PREFETCH=str(PREFETCH)
-        )
-        workers = await start_workers(1, env)
-        queues = work_queue_names(bare_base, PARTITIONS)
-        bare = await start_baseline(queues, sim.url, len(bodies), PREFETCH)
-        pids = [workers[0].pid, bare.pid]
+        (worker,) = await start_workers(1, worker_base, sim.url)
+        bare = await start_baseline(work_queue_names(bare_base, PARTITIONS), sim.url, len(bodies))
+        pids = [worker.pid, bare.pid]
         sampler = CpuSampler(pids)
         sampler.start()
-        try:
-            await measure_drain(sim, sampler, 2 * len(bodies), drain_timeout(2 * len(bodies)))
-        finally:
-            await sampler.stop()
-            await stop_workers(workers)
-            await asyncio.wait_for(bare.wait(), 30)
+        async with stopped_after([worker, bare]):
+            try:
+                await measure_drain(sim, sampler, 2 * len(bodies), drain_timeout(2 * len(bodies)))
+            finally:
+                await sampler.stop()
         times = [call["at"] for call in await sim.calls() if call["status"] == 200]
         first, last = min(times), max(times)
         worker_us, bare_us = (
@@ -233,19 +204,17 @@ def summary(results: dict[str, list[Drain]], worker: str, baselines: list[str]) 
 
 async def main(events: int, conversations: int, repeats: int, paired: int) -> None:
     """Alternate the contenders against one simulator and print every run and the medians."""
-    sim = Simulator()
-    await sim.start()
     bodies = list(sample_events(events, conversations))
     results: dict[str, list[Drain]] = {name: [] for name in CONTENDERS}
     rows = [HEADER]
-    try:
+    pair_rows = [["pair", "worker CPU µs/ev", "bare loop CPU µs/ev", "ratio"]]
+    async with Simulator() as sim:
         for attempt in range(1, repeats + 1):
             for name in results:
                 drain = await CONTENDERS[name](sim, bodies)
                 results[name].append(drain)
                 rows.append(drain_row(f"{name} #{attempt}", drain))
                 print(f"done: {name} #{attempt}: {drain.rate:.0f} ev/s", flush=True)
-        pair_rows = [["pair", "worker CPU µs/ev", "bare loop CPU µs/ev", "ratio"]]
         ratios = []
         for attempt in range(1, paired + 1):
             worker_us, bare_us = await paired_drain(sim, bodies)
@@ -254,29 +223,26 @@ async def main(events: int, conversations: int, repeats: int, paired: int) -> No
                 [f"#{attempt}", f"{worker_us:.0f}", f"{bare_us:.0f}", f"{ratios[-1]:.2f}"]
             )
             print(f"done: pair #{attempt}: CPU ratio {ratios[-1]:.2f}", flush=True)
-        if ratios:
-            pair_rows.append(["median", "", "", f"{median(ratios):.2f}"])
-    finally:
-        await sim.stop()
-    print(
-        f"\n{events} events over {conversations} conversations, prefetch {PREFETCH}, "
-        "simulator without quota or latency\n"
-    )
-    print(table(rows))
-    print()
-    print(summary(results, "worker", ["baseline", "baseline, worker's botocore settings"]))
+    sections = [
+        table(rows),
+        summary(results, "worker", ["baseline", "baseline, worker's botocore settings"]),
+    ]
     if paired:
-        print(f"\nSame moment, same noise: worker and bare loop draining {events} events each")
-        print("at once from two copies of the worker topology (CPU from first to last call)\n")
-        print(table(pair_rows))
-    print(f"\n$ {command_line()}")
+        pair_rows.append(["median", "", "", f"{median(ratios):.2f}"])
+        sections.append(
+            f"Same moment, same noise: worker and bare loop draining {events} events each\n"
+            "at once from two copies of the worker topology (CPU from first to last call)\n\n"
+            + table(pair_rows)
+        )
+    print_report(
+        f"{events} events over {conversations} conversations, prefetch {PREFETCH}, "
+        "simulator without quota or latency",
+        *sections,
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--conversations", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = drain_parser(__doc__, repeats=3)
     parser.add_argument("--paired", type=int, default=3, help="simultaneous pairs (0: none)")
     options = parser.parse_args()
     asyncio.run(main(options.events, options.conversations, options.repeats, options.paired))

@@ -14,20 +14,13 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError, ReadTimeoutError
 
+from tests.integration.support import wait_until
 from worker.testing.simulator import ConnectSimulator, SimulatorConfig, parse_error_rates, serve
 
 Client = Any  # aiobotocore clients are generated at runtime and carry no static type
 
 # One session for the module: it caches the large connect service model between clients.
 _SESSION = get_session()
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[ConnectSimulator]:
-    simulator = ConnectSimulator(SimulatorConfig(seed=7))
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
 
 
 async def _make_client(url: str, **config: Any) -> Any:
@@ -43,8 +36,8 @@ async def _make_client(url: str, **config: Any) -> Any:
 
 
 @pytest.fixture
-async def client(sim: ConnectSimulator) -> AsyncIterator[Client]:
-    async with await _make_client(sim.url) as connect:
+async def client(simulator: ConnectSimulator) -> AsyncIterator[Client]:
+    async with await _make_client(simulator.url) as connect:
         yield connect
 
 
@@ -60,10 +53,10 @@ async def _send(
     return result
 
 
-async def _control(sim: ConnectSimulator, method: str, path: str, body: Any = None) -> Any:
+async def _control(simulator: ConnectSimulator, method: str, path: str, body: Any = None) -> Any:
     async with (
         aiohttp.ClientSession() as http,
-        http.request(method, sim.url + path, json=body) as response,
+        http.request(method, simulator.url + path, json=body) as response,
     ):
         assert response.status == 200, await response.text()
         return await response.json()
@@ -82,7 +75,9 @@ async def _outcomes(client: Client, count: int) -> list[str]:
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-async def test_new_chat_created_until_disconnect(sim: ConnectSimulator, client: Client) -> None:
+async def test_new_chat_created_until_disconnect(
+    simulator: ConnectSimulator, client: Client
+) -> None:
     first = await _send(client)
     second = await _send(client)
     goodbye = await _send(client, event_type="DISCONNECT")
@@ -94,16 +89,16 @@ async def test_new_chat_created_until_disconnect(sim: ConnectSimulator, client: 
     assert goodbye["InitialContactId"] == first["InitialContactId"]
     assert again["NewChatCreated"] is True
     assert again["InitialContactId"] != first["InitialContactId"]
-    assert first["ResponseMetadata"]["RequestId"] == sim.received[0]["request_id"]
+    assert first["ResponseMetadata"]["RequestId"] == simulator.received[0]["request_id"]
 
 
 async def test_received_records_calls_in_arrival_order(
-    sim: ConnectSimulator, client: Client
+    simulator: ConnectSimulator, client: Client
 ) -> None:
     for text in ("one", "two", "three"):
         await _send(client, text=text)
 
-    received = (await _control(sim, "GET", "/_sim/received"))["received"]
+    received = (await _control(simulator, "GET", "/_sim/received"))["received"]
 
     assert [r["body"]["Event"]["Content"] for r in received] == ["one", "two", "three"]
     assert [r["seq"] for r in received] == [1, 2, 3]
@@ -124,7 +119,7 @@ async def test_received_records_calls_in_arrival_order(
     ],
 )
 async def test_in_band_trigger_yields_client_error(
-    sim: ConnectSimulator, client: Client, destination: str, code: str, status: int
+    simulator: ConnectSimulator, client: Client, destination: str, code: str, status: int
 ) -> None:
     with pytest.raises(ClientError) as caught:
         await _send(client, destination=destination)
@@ -133,8 +128,8 @@ async def test_in_band_trigger_yields_client_error(
     assert response["Error"]["Code"] == code
     assert response["Error"]["Message"] == f"Simulated {code}"
     assert response["ResponseMetadata"]["HTTPStatusCode"] == status
-    assert response["ResponseMetadata"]["RequestId"] == sim.calls[-1]["request_id"]
-    assert sim.calls[-1]["code"] == code and sim.received == []
+    assert response["ResponseMetadata"]["RequestId"] == simulator.calls[-1]["request_id"]
+    assert simulator.calls[-1]["code"] == code and simulator.received == []
 
 
 async def test_invalid_request_reason_is_a_structure(client: Client) -> None:
@@ -147,8 +142,8 @@ async def test_invalid_request_reason_is_a_structure(client: Client) -> None:
     }
 
 
-async def test_missing_required_field_is_invalid_request(sim: ConnectSimulator) -> None:
-    async with await _make_client(sim.url, parameter_validation=False) as connect:
+async def test_missing_required_field_is_invalid_request(simulator: ConnectSimulator) -> None:
+    async with await _make_client(simulator.url, parameter_validation=False) as connect:
         with pytest.raises(ClientError) as caught:
             await connect.send_chat_integration_event(SourceId="+15550001", Event={})
 
@@ -156,23 +151,23 @@ async def test_missing_required_field_is_invalid_request(sim: ConnectSimulator) 
     assert "DestinationId, Event.Type" in caught.value.response["Error"]["Message"]
 
 
-async def test_unsigned_request_is_refused(sim: ConnectSimulator) -> None:
+async def test_unsigned_request_is_refused(simulator: ConnectSimulator) -> None:
     body = {"SourceId": "s", "DestinationId": "d", "Event": {"Type": "EVENT"}}
     async with (
         aiohttp.ClientSession() as http,
-        http.post(sim.url + "/chat-integration-event", json=body) as response,
+        http.post(simulator.url + "/chat-integration-event", json=body) as response,
     ):
         payload = await response.json()
 
     assert response.status == 403
     assert response.headers["x-amzn-ErrorType"].startswith("MissingAuthenticationTokenException:")
     assert payload["message"]
-    assert sim.calls[0]["status"] == 403 and sim.received == []
+    assert simulator.calls[0]["status"] == 403 and simulator.received == []
 
 
-async def test_token_bucket_throttles_a_burst(sim: ConnectSimulator, client: Client) -> None:
+async def test_token_bucket_throttles_a_burst(simulator: ConnectSimulator, client: Client) -> None:
     # Given a quota of 5/s with a burst of 2
-    await _control(sim, "POST", "/_sim/config", {"rate": 5, "burst": 2})
+    await _control(simulator, "POST", "/_sim/config", {"rate": 5, "burst": 2})
 
     # When 10 calls arrive at once
     started = time.monotonic()
@@ -183,8 +178,9 @@ async def test_token_bucket_throttles_a_burst(sim: ConnectSimulator, client: Cli
     ok = outcomes.count("ok")
     assert 2 <= ok <= 2 + int(5 * elapsed)
     assert outcomes.count("ThrottlingException") == 10 - ok
-    stats = await _control(sim, "GET", "/_sim/stats")
+    stats = await _control(simulator, "GET", "/_sim/stats")
     assert stats == {
+        "arrived": 10,
         "calls": 10,
         "received": ok,
         "by_outcome": {"ok": ok, "ThrottlingException": 10 - ok},
@@ -196,10 +192,10 @@ async def test_token_bucket_throttles_a_burst(sim: ConnectSimulator, client: Cli
 
 
 async def test_rule_fails_matching_calls_the_given_number_of_times(
-    sim: ConnectSimulator, client: Client
+    simulator: ConnectSimulator, client: Client
 ) -> None:
     rule = {"match": {"DestinationId": "flaky"}, "code": "InternalServiceException", "times": 2}
-    await _control(sim, "POST", "/_sim/rules", rule)
+    await _control(simulator, "POST", "/_sim/rules", rule)
 
     for _ in range(2):
         with pytest.raises(ClientError) as caught:
@@ -208,7 +204,7 @@ async def test_rule_fails_matching_calls_the_given_number_of_times(
     await _send(client, destination="other")
     await _send(client, destination="flaky")
 
-    assert [c["code"] for c in sim.calls] == [
+    assert [c["code"] for c in simulator.calls] == [
         "InternalServiceException",
         "InternalServiceException",
         None,
@@ -217,22 +213,27 @@ async def test_rule_fails_matching_calls_the_given_number_of_times(
 
 
 async def test_rule_without_times_fires_until_cleared(
-    sim: ConnectSimulator, client: Client
+    simulator: ConnectSimulator, client: Client
 ) -> None:
     await _control(
-        sim, "POST", "/_sim/rules", {"match": {}, "code": "AccessDeniedException", "status": 403}
+        simulator,
+        "POST",
+        "/_sim/rules",
+        {"match": {}, "code": "AccessDeniedException", "status": 403},
     )
     for _ in range(3):
         with pytest.raises(ClientError):
             await _send(client)
 
-    await _control(sim, "DELETE", "/_sim/rules")
+    await _control(simulator, "DELETE", "/_sim/rules")
 
     assert (await _send(client))["NewChatCreated"] is True
 
 
-async def test_outage_fails_every_call_then_recovers(sim: ConnectSimulator, client: Client) -> None:
-    await _control(sim, "POST", "/_sim/outage", {"seconds": 0.2})
+async def test_outage_fails_every_call_then_recovers(
+    simulator: ConnectSimulator, client: Client
+) -> None:
+    await _control(simulator, "POST", "/_sim/outage", {"seconds": 0.2})
 
     with pytest.raises(ClientError) as caught:
         await _send(client)
@@ -243,26 +244,43 @@ async def test_outage_fails_every_call_then_recovers(sim: ConnectSimulator, clie
 
 
 async def test_stall_outage_times_out_the_client_but_still_delivers(
-    sim: ConnectSimulator,
+    simulator: ConnectSimulator,
 ) -> None:
     # Given calls that stall longer than the client's read timeout
-    await _control(sim, "POST", "/_sim/outage", {"seconds": 1, "stall": 0.3})
+    await _control(simulator, "POST", "/_sim/outage", {"seconds": 1, "stall": 0.3})
 
     # When the client gives up waiting
-    async with await _make_client(sim.url, read_timeout=0.1) as connect:
+    async with await _make_client(simulator.url, read_timeout=0.1) as connect:
         with pytest.raises(ReadTimeoutError):
             await _send(connect)
 
     # Then Connect still processed the event: a retry would deliver it twice
-    for _ in range(50):
-        if sim.received:
-            break
-        await asyncio.sleep(0.02)
-    assert len(sim.received) == 1
+    await wait_until(lambda: len(simulator.received) == 1, timeout=1)
 
 
-async def test_latency_delays_answers(sim: ConnectSimulator, client: Client) -> None:
-    await _control(sim, "POST", "/_sim/config", {"latency_ms": 60, "latency_jitter_ms": 10})
+async def test_a_call_counts_as_arrived_before_it_is_answered(
+    simulator: ConnectSimulator, client: Client
+) -> None:
+    # Given a Connect that stalls its answers for half a second
+    await _control(simulator, "POST", "/_sim/outage", {"seconds": 30, "stall": 0.5})
+
+    # When a call is on its way
+    call = asyncio.create_task(_send(client))
+
+    # Then it counts as arrived at once, while it has no answer yet
+    await wait_until(lambda: simulator.arrived == 1, timeout=5)
+    stats = await _control(simulator, "GET", "/_sim/stats")
+    assert (stats["arrived"], stats["calls"]) == (1, 0)
+
+    # And once answered it counts as a call too; a reset starts both counts again
+    await call
+    assert (simulator.arrived, len(simulator.calls)) == (1, 1)
+    await _control(simulator, "POST", "/_sim/reset")
+    assert (simulator.arrived, simulator.calls) == (0, [])
+
+
+async def test_latency_delays_answers(simulator: ConnectSimulator, client: Client) -> None:
+    await _control(simulator, "POST", "/_sim/config", {"latency_ms": 60, "latency_jitter_ms": 10})
     loop = asyncio.get_running_loop()
 
     started = loop.time()
@@ -271,30 +289,30 @@ async def test_latency_delays_answers(sim: ConnectSimulator, client: Client) -> 
     assert loop.time() - started >= 0.06
 
 
-async def test_random_error_rates_are_seeded(sim: ConnectSimulator, client: Client) -> None:
-    await _control(sim, "POST", "/_sim/config", {"error_rates": {"ThrottlingException": 0.5}})
+async def test_random_error_rates_are_seeded(simulator: ConnectSimulator, client: Client) -> None:
+    await _control(simulator, "POST", "/_sim/config", {"error_rates": {"ThrottlingException": 0.5}})
 
     outcomes = await _outcomes(client, 20)
 
     assert set(outcomes) == {"ok", "ThrottlingException"}
-    stats = await _control(sim, "GET", "/_sim/stats")
+    stats = await _control(simulator, "GET", "/_sim/stats")
     assert stats["received"] == outcomes.count("ok")
 
 
-async def test_reset_forgets_everything(sim: ConnectSimulator, client: Client) -> None:
+async def test_reset_forgets_everything(simulator: ConnectSimulator, client: Client) -> None:
     await _send(client)
-    await _control(sim, "POST", "/_sim/outage", {"seconds": 30})
+    await _control(simulator, "POST", "/_sim/outage", {"seconds": 30})
 
-    await _control(sim, "POST", "/_sim/reset")
+    await _control(simulator, "POST", "/_sim/reset")
 
-    assert await _control(sim, "GET", "/_sim/calls") == {"calls": []}
+    assert await _control(simulator, "GET", "/_sim/calls") == {"calls": []}
     assert (await _send(client))["NewChatCreated"] is True
 
 
-async def test_bad_control_input_is_a_400(sim: ConnectSimulator) -> None:
+async def test_bad_control_input_is_a_400(simulator: ConnectSimulator) -> None:
     async with (
         aiohttp.ClientSession() as http,
-        http.post(sim.url + "/_sim/config", json={"error_rates": {"X": 2}}) as response,
+        http.post(simulator.url + "/_sim/config", json={"error_rates": {"X": 2}}) as response,
     ):
         assert response.status == 400
         assert "must be in [0, 1]" in (await response.json())["message"]
@@ -315,7 +333,7 @@ async def test_serve_runs_until_cancelled() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     task = asyncio.create_task(serve(SimulatorConfig(), "127.0.0.1", port))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: _listening(port), timeout=5)
 
     async with await _make_client(f"http://127.0.0.1:{port}") as connect:
         assert (await _send(connect))["NewChatCreated"] is True
@@ -323,3 +341,14 @@ async def test_serve_runs_until_cancelled() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def _listening(port: int) -> bool:
+    """Return True once something accepts TCP connections on the port."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True

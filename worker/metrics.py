@@ -164,9 +164,10 @@ class Metrics:
         )
         self.send_rate = self._gauge(
             "send_rate",
-            "Current client-side send rate limit in requests/s; NaN while unlimited.",
+            "The client-side rate limiter's current rate in requests/s, refreshed every 2 s.",
         )
-        # NaN, not 0: 0 would read as "paused", and `send_rate < x` alerts stay quiet on NaN.
+        # NaN until the first refresh, not 0: 0 would read as "paused", and `send_rate < x`
+        # alerts stay quiet on NaN.
         self.send_rate.set(float("nan"))
 
     def _define_state_metrics(self) -> None:
@@ -182,15 +183,16 @@ class Metrics:
         self.backlog = self._gauge(
             "backlog", "Ready messages waiting in the worker's queue (last poll).", ["queue"]
         )
-        # While the replica holds events: now minus the AMQP `timestamp` (publish time) of the
-        # oldest unsettled one, or minus when it was taken if it has none. Holding nothing: the
-        # age the most recently taken event had when it was taken (its wait in the queue), so
-        # an idle replica does not keep reporting a stale age. The worker refreshes it on take,
-        # on settle and on each backlog poll, since a gauge does not age by itself.
+        # Now minus the AMQP `timestamp` (publish time) of the oldest event this replica holds
+        # unsettled, or minus when it was received if it has none; refreshed every 2 s, since
+        # a gauge does not age by itself. Absent (no sample) while the replica holds nothing: a
+        # replica that handed everything back during an outage must not report 0 while its
+        # queue ages (and a queue's own age cannot be read: single-active-consumer queues
+        # refuse basic.get).
         self.oldest_event_age = OptionalGauge(
             f"{PREFIX}_oldest_event_age_seconds",
             "Age of the oldest event this replica holds unsettled, from its AMQP timestamp "
-            "(else from when it was taken); absent while it holds none.",
+            "(else from when it was received); no sample while it holds none.",
         )
         self.registry.register(self.oldest_event_age)
         self.ready = self._gauge("ready", "1 while connected and consuming, else 0.")

@@ -1,7 +1,5 @@
 """Fixtures that run the real worker process against the real RabbitMQ and the simulator."""
 
-import asyncio
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -11,13 +9,13 @@ import pytest
 
 from tests.integration.support import (
     AMQP_URL,
-    REPO,
     Broker,
     WorkerProcess,
+    free_port,
     wait_until,
     worker_environment,
 )
-from worker.testing.simulator import ConnectSimulator, SimulatorConfig
+from worker.testing.simulator import ConnectSimulator
 from worker.topology import declare_topology, delete_topology
 
 PARTITIONS = 4
@@ -36,15 +34,6 @@ async def broker() -> AsyncIterator[Broker]:
     await connection.close()
 
 
-@pytest.fixture
-async def simulator() -> AsyncIterator[ConnectSimulator]:
-    """Run the Connect simulator in the test's loop, on a free port."""
-    sim = ConnectSimulator(SimulatorConfig(seed=7))
-    await sim.start()
-    yield sim
-    await sim.stop()
-
-
 StartWorker = Callable[..., Awaitable[WorkerProcess]]
 
 
@@ -52,23 +41,16 @@ StartWorker = Callable[..., Awaitable[WorkerProcess]]
 async def start_worker(
     broker: Broker, simulator: ConnectSimulator, tmp_path: Path
 ) -> AsyncIterator[StartWorker]:
-    """Start worker processes; wait until each consumes; kill any left at the end."""
+    """Start worker processes; wait until each consumes; kill any left at the end.
+
+    Each serves health and metrics on a free port of its own (`WorkerProcess.port`).
+    """
     started: list[WorkerProcess] = []
 
     async def start(**extra: str) -> WorkerProcess:
         log_path = tmp_path / f"worker-{len(started)}.log"
-        with log_path.open("wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "worker",
-                "run",
-                env=worker_environment(broker, simulator, **extra),
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=REPO,
-            )
-        worker = WorkerProcess(process, log_path)
+        extra.setdefault("WORKER_HTTP_PORT", str(free_port()))
+        worker = await WorkerProcess.start(worker_environment(broker, simulator, **extra), log_path)
         started.append(worker)
         await wait_until(lambda: _consuming(worker), timeout=30.0)
         return worker

@@ -1,18 +1,29 @@
-"""Helpers for integration tests: the broker view, the worker process, polling."""
+"""Helpers for integration tests: the broker view, the worker process, commands, polling."""
 
 import asyncio
 import json
 import os
 import signal
 import socket
+import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+import aiohttp
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
+from worker.testing.environment import clean_environment, simulated_worker_environment
 from worker.testing.simulator import ConnectSimulator
 from worker.topology import dead_letter_queue_name, work_queue_names
 
@@ -61,6 +72,14 @@ async def wait_until(
         await asyncio.sleep(every)
 
 
+async def take_ready(queue: AbstractQueue) -> list[AbstractIncomingMessage]:
+    """Remove and return every ready message of a queue (basic.get: SAC queues refuse it)."""
+    taken = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        taken.append(message)
+    return taken
+
+
 class Broker:
     """A test's view of the topology: publish, count and read back messages."""
 
@@ -106,11 +125,7 @@ class Broker:
 
     async def take_all(self, queue: str) -> list[AbstractIncomingMessage]:
         """Remove and return every ready message of a queue."""
-        declared = await self.channel.declare_queue(queue, passive=True)
-        taken = []
-        while (message := await declared.get(no_ack=True, fail=False)) is not None:
-            taken.append(message)
-        return taken
+        return await take_ready(await self.channel.declare_queue(queue, passive=True))
 
     async def take_dead_letters(self, variant: str) -> list[AbstractIncomingMessage]:
         """Remove and return one variant's dead letters."""
@@ -120,9 +135,24 @@ class Broker:
 class WorkerProcess:
     """The real `python -m worker run`, as a subprocess with its output in a file."""
 
-    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, log_path: Path, port: int) -> None:
         self.process = process
         self.log_path = log_path
+        self.port = port
+        """Where it serves health and metrics (0: a port of its own choosing)."""
+
+    @classmethod
+    async def start(cls, env: dict[str, str], log_path: Path, *args: str) -> "WorkerProcess":
+        """Start `python -m worker run ARGS` in `env`, stdout and stderr to `log_path`."""
+        with log_path.open("wb") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *[sys.executable, "-m", "worker", "run", *args],
+                env=env,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=REPO,
+            )
+        return cls(process, log_path, int(env.get("WORKER_HTTP_PORT", "0")))
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         """Send a signal to the worker."""
@@ -132,30 +162,97 @@ class WorkerProcess:
         """Wait for the exit code."""
         return await asyncio.wait_for(self.process.wait(), timeout)
 
+    async def stop(self, timeout: float = 30.0) -> tuple[int, float]:
+        """Send SIGTERM; return the exit code and the seconds it took to exit."""
+        signalled_at = time.monotonic()
+        self.signal(signal.SIGTERM)
+        code = await self.wait(timeout)
+        return code, time.monotonic() - signalled_at
+
+    def text(self) -> str:
+        """Return what the worker printed so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
     def log_lines(self) -> list[str]:
-        """Return what the worker printed."""
-        return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        """Return what the worker printed, line by line."""
+        return self.text().splitlines()
+
+    async def wait_for(self, text: str, timeout: float = 30.0) -> None:
+        """Wait until the worker prints a text; fail if it exits first or takes too long."""
+
+        def printed() -> bool:
+            assert self.process.returncode is None, f"exited early:\n{self.text()}"
+            return text in self.text()
+
+        await wait_until(printed, timeout, every=0.1)
 
 
 def worker_environment(broker: Broker, simulator: ConnectSimulator, **extra: str) -> dict[str, str]:
     """Build a clean environment: only this test's settings reach the worker."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "AWS_"))}
-    env.update(
-        WORKER_AMQP_URL=AMQP_URL,
-        WORKER_QUEUE=broker.base,
-        WORKER_PARTITIONS=str(broker.partitions),
-        WORKER_HTTP_PORT="0",
-        WORKER_CONFIG=str(REPO / "config" / "worker.toml"),
-        AWS_ENDPOINT_URL_CONNECT=simulator.url,
-        AWS_ACCESS_KEY_ID="AKIDTESTWORKER",
-        AWS_SECRET_ACCESS_KEY="test-secret-do-not-log",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-        PYTHONUNBUFFERED="1",
+    settings = {
+        "WORKER_PARTITIONS": str(broker.partitions),
+        "WORKER_CONFIG": str(REPO / "config" / "worker.toml"),
+        "PYTHONUNBUFFERED": "1",
+        **FAST_RETRIES,
+        **extra,
+    }
+    return simulated_worker_environment(AMQP_URL, broker.base, simulator.url, **settings)
+
+
+@dataclass
+class Outcome:
+    """What a command did: its exit code, what it printed, and how long it took."""
+
+    code: int
+    output: str
+    """stdout, and stderr too unless it was kept apart."""
+    errors: str
+    """stderr when it was kept apart, else empty."""
+    seconds: float
+
+    @property
+    def lines(self) -> list[str]:
+        """Return the lines of `output`."""
+        return self.output.splitlines()
+
+
+async def run_command(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: bytes | None = None,
+    stderr_apart: bool = False,
+    timeout: float = 120.0,
+) -> Outcome:
+    """Run `python -m worker ARGS` to its end, as a user does; return what it did.
+
+    Without `env`, in a clean environment (no WORKER_ or AWS_ variable): only the flags given
+    reach the command.
+    """
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "worker", *args],
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE if stderr_apart else asyncio.subprocess.STDOUT,
+        cwd=REPO,
+        env=clean_environment() if env is None else env,
     )
-    env.update(FAST_RETRIES)
-    env.update(extra)
-    return env
+    output, errors = await asyncio.wait_for(process.communicate(stdin), timeout)
+    assert process.returncode is not None
+    return Outcome(
+        process.returncode,
+        output.decode(errors="replace"),
+        (errors or b"").decode(errors="replace"),
+        time.monotonic() - started,
+    )
+
+
+async def run_dlq(base: str, *args: str) -> tuple[int, str, str]:
+    """Run `python -m worker dlq ARGS` on a topology; return exit code, stdout and stderr."""
+    done = await run_command(
+        "dlq", *args, "--queue", base, "--amqp-url", AMQP_URL, stderr_apart=True, timeout=30
+    )
+    return done.code, done.output, done.errors
 
 
 def free_port() -> int:
@@ -163,6 +260,55 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# --- The worker's HTTP endpoints, the simulator's control API ----------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET one of the worker's endpoints; a refused connection reads as status 0."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}{path}") as response,
+        ):
+            return response.status, await response.text()
+    except aiohttp.ClientConnectionError:
+        return 0, ""
+
+
+async def readiness(port: int) -> int:
+    """Return the status of the worker's /readyz (0 when it does not answer)."""
+    return (await http_get(port, "/readyz"))[0]
+
+
+async def scrape(port: int) -> Samples:
+    """GET /metrics and parse it as Prometheus does: {(sample name, labels): value}."""
+    status, text = await http_get(port, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def metric(port: int, name: str, **labels: str) -> float:
+    """Return the sum of a metric's samples that carry `labels`, from /metrics (0 if none)."""
+    return sum(
+        sample_value
+        for (sample_name, sample_labels), sample_value in (await scrape(port)).items()
+        if sample_name == name and labels.items() <= dict(sample_labels).items()
+    )
+
+
+async def control(simulator: ConnectSimulator, what: str, spec: dict[str, Any]) -> None:
+    """POST to the simulator's control API (`/_sim/WHAT`), as an operator of it would."""
+    url = f"{simulator.url}/_sim/{what}"
+    async with aiohttp.ClientSession() as http, http.post(url, json=spec) as response:
+        assert response.status == 200, await response.text()
 
 
 class TcpProxy:

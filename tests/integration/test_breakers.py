@@ -1,49 +1,38 @@
 """Throttling-aware sending end to end: outages, failing events, account-wide refusals."""
 
-import asyncio
 import json
-from typing import Any
+from itertools import pairwise
 
-import aiohttp
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import (
+    Broker,
+    chat_event,
+    control,
+    encode,
+    http_get,
+    readiness,
+    wait_until,
+)
 from worker.models import conversation_key
 from worker.pipeline.errors import ErrorVariant
 from worker.testing.simulator import ConnectSimulator
 
 pytestmark = pytest.mark.integration
 
+PROBE_SECONDS = 1.0
+
 
 def body(index: int, destination: str = "agent") -> bytes:
     """Return a valid MESSAGE event whose content carries its index."""
-    event = {
-        "SourceId": f"+1555000{index % 50:04d}",
-        "DestinationId": destination,
-        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": f"m{index}"},
-    }
-    return json.dumps(event).encode()
+    return encode(chat_event(f"+1555000{index % 50:04d}", destination, f"m{index}"))
 
 
 async def publish_all(broker: Broker, bodies: list[bytes]) -> None:
     """Publish bodies keyed by conversation, as a producer does."""
     for item in bodies:
         await broker.publish(item, routing_key=conversation_key(json.loads(item)))
-
-
-async def control(simulator: ConnectSimulator, what: str, spec: dict[str, Any]) -> None:
-    """POST to the simulator's control API, as an operator of the simulator would."""
-    url = f"{simulator.url}/_sim/{what}"
-    async with aiohttp.ClientSession() as http, http.post(url, json=spec) as response:
-        response.raise_for_status()
-
-
-async def readiness(port: int) -> tuple[int, dict[str, Any]]:
-    """Return the status and body of the worker's /readyz."""
-    url = f"http://127.0.0.1:{port}/readyz"
-    async with aiohttp.ClientSession() as http, http.get(url) as response:
-        return response.status, await response.json()
 
 
 def delivered(simulator: ConnectSimulator) -> set[str]:
@@ -107,23 +96,23 @@ async def test_access_denied_everywhere_pauses_with_the_backlog_intact(
     # Given Connect refusing the account (a wrong role or expired credentials)
     await control(simulator, "outage", {"seconds": 120, "code": "AccessDeniedException"})
     await publish_all(broker, [body(i) for i in range(40)])
-    port = free_port()
-    await start_worker(WORKER_PREFETCH="8", WORKER_HTTP_PORT=str(port))
+    port = (await start_worker(WORKER_PREFETCH="8", WORKER_PROBE_SECONDS=str(PROBE_SECONDS))).port
 
     # When the worker has met the refusals
     async def paused() -> bool:
-        status, answer = await readiness(port)
-        return status == 503 and "account" in answer["reason"].lower()
+        status, answer = await http_get(port, "/readyz")
+        return status == 503 and "account" in json.loads(answer)["reason"].lower()
 
     await wait_until(paused)
     await wait_until(lambda: len(simulator.calls) >= 8)
     calls_when_paused = len(simulator.calls)
 
-    # Then it holds every event instead of dead-lettering them, and only probes
-    await asyncio.sleep(4)
+    # Then it holds every event instead of dead-lettering them, and only probes: it calls at
+    # the probe pace (the calls already on their way when it paused aside)
+    await wait_until(lambda: _probing(simulator, since=calls_when_paused), timeout=10)
     assert await broker.dead_letter_count("AccessDeniedException") == 0
-    assert len(simulator.calls) - calls_when_paused <= 4
-    assert len(simulator.calls) <= 8 + 8
+    assert simulator.arrived - calls_when_paused <= 4
+    assert simulator.arrived <= 8 + 8
 
     # When Connect accepts the account again, everything goes through and readiness returns
     await control(simulator, "outage", {"seconds": 0})
@@ -132,5 +121,11 @@ async def test_access_denied_everywhere_pauses_with_the_backlog_intact(
     assert await no_dead_letters(broker)
 
 
+def _probing(simulator: ConnectSimulator, since: int) -> bool:
+    """Return True once two calls after the first `since` arrived a probe interval apart."""
+    arrivals = [call["at"] for call in simulator.calls[since:]]
+    return any(later - earlier >= PROBE_SECONDS for earlier, later in pairwise(arrivals))
+
+
 async def _ready(port: int) -> bool:
-    return (await readiness(port))[0] == 200
+    return await readiness(port) == 200

@@ -1,15 +1,13 @@
 """`chat-worker check` against the real RabbitMQ: settings, broker, topology, AWS; no secrets."""
 
-import asyncio
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
 
-from tests.integration.support import AMQP_URL, REPO
+from tests.integration.support import AMQP_URL, run_command
+from worker.testing.environment import clean_environment
 from worker.topology import declare_topology, delete_topology
 
 pytestmark = pytest.mark.integration
@@ -20,30 +18,22 @@ AWS_SECRET = "wJalrXUtnFEMI-do-not-print-me"
 AWS_TOKEN = "session-token-do-not-print-me"
 
 
-async def check(*args: str, **env_extra: str) -> tuple[int, str]:
+async def check(*args: str, **env: str) -> tuple[int, str]:
     """Run `python -m worker check ARGS` in a clean environment; return exit code and output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "AWS_"))}
     # Keep the host's own AWS profile and instance role out of the test.
-    env.update(
-        AWS_CONFIG_FILE="/nonexistent/aws-config",
-        AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    env.update(env_extra)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "check",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=REPO,
-        env=env,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    no_host_aws = {
+        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    outcome = await run_command("check", *args, env=clean_environment(**no_host_aws, **env))
+    return outcome.code, outcome.output
+
+
+async def check_aws(base: str, **env: str) -> tuple[int, str]:
+    """Run `check --aws` on a topology with an access key and its secret, and `env`."""
+    keys = {"AWS_ACCESS_KEY_ID": "AKIDTESTCHECKXYZ1", "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
+    return await check("--aws", "--queue", base, "--amqp-url", AMQP_URL, **keys, **env)
 
 
 @pytest.fixture
@@ -108,14 +98,8 @@ async def test_invalid_settings_exit_2_with_one_line_each() -> None:
 
 
 async def test_aws_shows_masked_credentials_and_the_endpoint_never_the_secret(base: str) -> None:
-    code, output = await check(
-        "--aws",
-        "--queue",
+    code, output = await check_aws(
         base,
-        "--amqp-url",
-        AMQP_URL,
-        AWS_ACCESS_KEY_ID="AKIDTESTCHECKXYZ1",
-        AWS_SECRET_ACCESS_KEY=AWS_SECRET,
         AWS_SESSION_TOKEN=AWS_TOKEN,
         AWS_DEFAULT_REGION="eu-west-2",
         AWS_ENDPOINT_URL_CONNECT="http://127.0.0.1:4599",
@@ -138,16 +122,7 @@ async def test_aws_without_region_or_credentials_says_so(base: str) -> None:
 
 
 async def test_aws_region_is_honoured_for_the_default_endpoint(base: str) -> None:
-    code, output = await check(
-        "--aws",
-        "--queue",
-        base,
-        "--amqp-url",
-        AMQP_URL,
-        AWS_ACCESS_KEY_ID="AKIDTESTCHECKXYZ1",
-        AWS_SECRET_ACCESS_KEY=AWS_SECRET,
-        AWS_REGION="ap-southeast-2",
-    )
+    code, output = await check_aws(base, AWS_REGION="ap-southeast-2")
 
     assert code == 0, output
     assert "aws endpoint = https://connect.ap-southeast-2.amazonaws.com" in output

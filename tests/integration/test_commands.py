@@ -12,34 +12,15 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from tests.integration.support import AMQP_URL, REPO
+from tests.integration.support import AMQP_URL, REPO, run_command, wait_until
 from worker.models import conversation_key
 from worker.settings import WorkerSettings
+from worker.testing.environment import clean_environment
 from worker.topology import delete_topology, work_queue_names
 
 DEFAULT_PARTITIONS = WorkerSettings.model_fields["partitions"].default
 
 pytestmark = pytest.mark.integration
-
-
-async def run_command(
-    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
-) -> tuple[int, str]:
-    """Run `python -m worker ARGS` (in `env`, else this environment); return exit code, output."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=REPO,
-        env=env,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(stdin), 120)
-    assert process.returncode is not None
-    return process.returncode, output.decode()
 
 
 @pytest.fixture
@@ -53,10 +34,10 @@ async def base() -> object:
 
 
 async def test_demo_accounts_for_every_event(base: str) -> None:
-    code, output = await run_command("demo", "--queue", base, "--amqp-url", AMQP_URL)
-    assert code == 0, output
-    assert "every event accounted for: yes" in output
-    assert "delivered to Connect                             30" in output
+    done = await run_command("demo", "--queue", base, "--amqp-url", AMQP_URL)
+    assert done.code == 0, done.output
+    assert "every event accounted for: yes" in done.output
+    assert "delivered to Connect                             30" in done.output
 
 
 async def test_two_demos_on_one_broker_each_use_and_delete_a_topology_of_their_own(
@@ -69,10 +50,10 @@ async def test_two_demos_on_one_broker_each_use_and_delete_a_topology_of_their_o
 
     # Then each accounts for every one of its events, on a topology named after the base
     names = []
-    for code, output in runs:
-        assert code == 0, output
-        assert "every event accounted for: yes" in output
-        names.append(re.search(r"exchange '([^']+)'", output).group(1))
+    for done in runs:
+        assert done.code == 0, done.output
+        assert "every event accounted for: yes" in done.output
+        names.append(re.search(r"exchange '([^']+)'", done.output).group(1))
     assert names[0] != names[1]
     assert all(name.startswith(f"{base}-demo-") for name in names)
 
@@ -87,17 +68,17 @@ async def test_two_demos_on_one_broker_each_use_and_delete_a_topology_of_their_o
 
 async def test_declare_then_publish_routes_by_conversation_key(base: str) -> None:
     # Given a declared topology
-    code, output = await run_command("declare", "--queue", base, "--amqp-url", AMQP_URL)
-    assert code == 0, output
-    assert "guest:***@" in output and "guest:guest" not in output
+    declared = await run_command("declare", "--queue", base, "--amqp-url", AMQP_URL)
+    assert declared.code == 0, declared.output
+    assert "guest:***@" in declared.output and "guest:guest" not in declared.output
 
     # When two events are published from stdin (blank lines skipped)
     event = {"SourceId": "+15550001", "DestinationId": "d", "Event": {"Type": "DISCONNECT"}}
     lines = (json.dumps(event) + "\n\n" + json.dumps(event) + "\n").encode()
-    code, output = await run_command(
+    published = await run_command(
         "publish", "-", "--queue", base, "--amqp-url", AMQP_URL, stdin=lines
     )
-    assert code == 0, output
+    assert published.code == 0, published.output
 
     # Then both wait in the same partition, keyed by the conversation key
     connection = await aio_pika.connect(AMQP_URL)
@@ -117,9 +98,9 @@ async def test_declare_then_publish_routes_by_conversation_key(base: str) -> Non
 
 
 async def test_bad_setting_is_a_clear_error(base: str) -> None:
-    code, output = await run_command("declare", "--queue", "bad name with spaces")
-    assert code == 2
-    assert "queue" in output
+    done = await run_command("declare", "--queue", "bad name with spaces")
+    assert done.code == 2
+    assert "queue" in done.output
 
 
 async def test_the_container_entrypoint_runs_the_worker_and_its_healthcheck_passes(
@@ -131,16 +112,15 @@ async def test_the_container_entrypoint_runs_the_worker_and_its_healthcheck_pass
     command = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
     healthcheck = json.loads(re.search(r"CMD (\[\"python\".+\])$", dockerfile, re.M).group(1))
     assert entrypoint == ["chat-worker"] and command == ["run"]
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "WORKER_QUEUE": base,
-        "WORKER_AMQP_URL": AMQP_URL,
-        "WORKER_HTTP_PORT": "8080",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "y",
-    }
+    env = clean_environment(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        WORKER_QUEUE=base,
+        WORKER_AMQP_URL=AMQP_URL,
+        WORKER_HTTP_PORT="8080",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="x",
+        AWS_SECRET_ACCESS_KEY="y",
+    )
     process = await asyncio.create_subprocess_exec(
         *entrypoint,
         *command,
@@ -152,16 +132,13 @@ async def test_the_container_entrypoint_runs_the_worker_and_its_healthcheck_pass
     try:
         # When the HEALTHCHECK command runs against it
         async def healthy() -> bool:
+            assert process.returncode is None, "the worker exited"
             check = await asyncio.create_subprocess_exec(
                 sys.executable, *healthcheck[1:], stderr=asyncio.subprocess.DEVNULL
             )
             return await check.wait() == 0
 
-        deadline = asyncio.get_running_loop().time() + 30
-        while not await healthy():
-            assert process.returncode is None, "the worker exited"
-            assert asyncio.get_running_loop().time() < deadline, "never healthy"
-            await asyncio.sleep(0.5)
+        await wait_until(healthy, timeout=30, every=0.5)
     finally:
         # Then SIGTERM (docker stop) ends it with exit code 0
         process.send_signal(signal.SIGTERM)

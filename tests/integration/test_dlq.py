@@ -1,20 +1,24 @@
 """`chat-worker dlq` against the real RabbitMQ: list, show, redrive and purge dead letters."""
 
-import asyncio
 import json
-import os
-import sys
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from tests.integration.support import AMQP_URL, REPO
+from tests.integration.support import (
+    AMQP_URL,
+    Broker,
+    chat_event,
+    encode,
+    run_command,
+    run_dlq,
+    take_ready,
+)
 from worker.models import conversation_key
 from worker.pipeline.envelope import FailureContext, build_dead_letter, iso_utc
 from worker.pipeline.errors import ErrorVariant, EventFailure
@@ -22,14 +26,11 @@ from worker.problems import ExitCode
 from worker.topology import (
     dead_letter_exchange_name,
     dead_letter_queue_name,
-    declare_topology,
-    delete_topology,
     input_exchange_name,
 )
 
 pytestmark = pytest.mark.integration
 
-PARTITIONS = 1
 PHONE = "+15557654321"
 CONTENT = "my card number is 4111 1111"
 THROTTLED = ErrorVariant.THROTTLING.value
@@ -39,22 +40,20 @@ INVALID = ErrorVariant.INVALID_REQUEST.value
 
 def event_body(number: int) -> bytes:
     """Return a realistic event body holding personal data."""
-    event = {
-        "SourceId": PHONE,
-        "DestinationId": f"destination-{number}",
-        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": CONTENT},
-    }
-    return json.dumps(event).encode()
+    return encode(chat_event(PHONE, f"destination-{number}", CONTENT))
 
 
 @dataclass
 class DeadLetters:
     """A test's topology: puts dead letters in, counts them, catches what is redriven."""
 
-    connection: AbstractConnection
-    channel: AbstractChannel
-    base: str
+    broker: Broker
     caught: AbstractQueue
+
+    @property
+    def base(self) -> str:
+        """Return the topology's base name."""
+        return self.broker.base
 
     async def put(
         self, variant: str, number: int = 0, age: timedelta = timedelta(minutes=5), **extra: Any
@@ -87,72 +86,21 @@ class DeadLetters:
 
     async def publish_dead_letter(self, variant: str, message: aio_pika.Message) -> None:
         """Publish a dead letter to the dead-letter exchange, confirmed."""
-        exchange = await self.channel.get_exchange(dead_letter_exchange_name(self.base))
+        exchange = await self.broker.channel.get_exchange(dead_letter_exchange_name(self.base))
         await exchange.publish(message, routing_key=variant, mandatory=True)
-
-    async def count(self, variant: str) -> int:
-        """Return how many dead letters a variant's queue holds (plain channel: fresh count)."""
-        queue = await self.channel.declare_queue(
-            dead_letter_queue_name(self.base, variant), passive=True
-        )
-        return queue.declaration_result.message_count or 0
-
-    async def take(self, variant: str) -> list[AbstractIncomingMessage]:
-        """Remove and return a variant's dead letters, in queue order."""
-        queue = await self.channel.declare_queue(
-            dead_letter_queue_name(self.base, variant), passive=True
-        )
-        return await _drain(queue)
 
     async def take_redriven(self) -> list[AbstractIncomingMessage]:
         """Remove and return what reached the input exchange."""
-        return await _drain(self.caught)
-
-
-async def _drain(queue: AbstractQueue) -> list[AbstractIncomingMessage]:
-    """Remove every ready message of a queue."""
-    taken = []
-    while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        taken.append(message)
-    return taken
+        return await take_ready(self.caught)
 
 
 @pytest.fixture
-async def dead_letters() -> AsyncIterator[DeadLetters]:
-    """Declare a unique topology plus a queue that catches what reaches the input exchange."""
-    base = f"test-dlq-{uuid.uuid4().hex[:10]}"
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    await declare_topology(channel, base, PARTITIONS)
+async def dead_letters(broker: Broker) -> DeadLetters:
+    """The test's topology, plus a queue that catches what reaches the input exchange."""
     # No worker runs: this queue sees what is redriven, with its routing key.
-    caught = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await caught.bind(input_exchange_name(base))
-    yield DeadLetters(connection, channel, base, caught)
-    await delete_topology(await connection.channel(), base, PARTITIONS)
-    await connection.close()
-
-
-async def dlq(base: str, *args: str) -> tuple[int, str, str]:
-    """Run `python -m worker dlq ARGS` for a base name; return exit code, stdout, stderr."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "dlq",
-        *args,
-        "--queue",
-        base,
-        "--amqp-url",
-        AMQP_URL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    caught = await broker.channel.declare_queue(exclusive=True, auto_delete=True)
+    await caught.bind(input_exchange_name(broker.base))
+    return DeadLetters(broker, caught)
 
 
 async def test_list_counts_each_queue_and_the_age_of_its_oldest(dead_letters: DeadLetters) -> None:
@@ -162,8 +110,8 @@ async def test_list_counts_each_queue_and_the_age_of_its_oldest(dead_letters: De
     await dead_letters.put(UNKNOWN, 3, age=timedelta(seconds=30))
 
     # When the queues are listed, as JSON and as a table
-    code, out, err = await dlq(dead_letters.base, "list", "--json")
-    table_code, table, _ = await dlq(dead_letters.base, "list")
+    code, out, err = await run_dlq(dead_letters.base, "list", "--json")
+    table_code, table, _ = await run_dlq(dead_letters.base, "list")
 
     # Then each queue has its count and its head's age, and nothing was removed
     assert code == 0, err
@@ -179,7 +127,7 @@ async def test_list_counts_each_queue_and_the_age_of_its_oldest(dead_letters: De
     throttled_row = next(row for row in rows if row.startswith(THROTTLED))
     assert throttled_row.split()[1:4] == ["2", "3h", "02m"]
     assert len({row.index(".dlq.") for row in rows}) == 1  # aligned
-    assert await dead_letters.count(THROTTLED) == 2
+    assert await dead_letters.broker.dead_letter_count(THROTTLED) == 2
 
 
 async def test_show_masks_bodies_removes_nothing_and_keeps_order(
@@ -190,7 +138,7 @@ async def test_show_masks_bodies_removes_nothing_and_keeps_order(
         await dead_letters.put(INVALID, number)
 
     # When two of them are shown without --reveal
-    code, out, err = await dlq(dead_letters.base, "show", "--variant", INVALID, "--limit", "2")
+    code, out, err = await run_dlq(dead_letters.base, "show", "--variant", INVALID, "--limit", "2")
 
     # Then their properties and error headers show, but no personal data
     assert code == 0, err
@@ -200,7 +148,7 @@ async def test_show_masks_bodies_removes_nothing_and_keeps_order(
     assert "DestinationId, Event{Content, ContentType, Type}, SourceId" in out
     assert PHONE not in out and "5557654321" not in out and CONTENT not in out
     # And all three are still there, in their order
-    kept = await dead_letters.take(INVALID)
+    kept = await dead_letters.broker.take_dead_letters(INVALID)
     assert [message.message_id for message in kept] == ["m-0", "m-1", "m-2"]
 
 
@@ -217,7 +165,7 @@ async def test_show_escapes_terminal_control_sequences_from_ids_and_headers(
 
     # When it is shown, without and with --reveal
     for args in ((), ("--reveal",)):
-        code, out, err = await dlq(dead_letters.base, "show", *args)
+        code, out, err = await run_dlq(dead_letters.base, "show", *args)
 
         # Then no control character reaches the terminal: each is printed escaped
         assert code == 0, err
@@ -230,11 +178,11 @@ async def test_show_escapes_terminal_control_sequences_from_ids_and_headers(
 async def test_show_reveal_prints_the_body(dead_letters: DeadLetters) -> None:
     await dead_letters.put(INVALID, 7)
 
-    code, out, err = await dlq(dead_letters.base, "show", "--reveal")
+    code, out, err = await run_dlq(dead_letters.base, "show", "--reveal")
 
     assert code == 0, err
     assert PHONE in out and CONTENT in out
-    assert await dead_letters.count(INVALID) == 1
+    assert await dead_letters.broker.dead_letter_count(INVALID) == 1
 
 
 async def test_redrive_all_keeps_body_properties_and_routing_key(
@@ -248,7 +196,7 @@ async def test_redrive_all_keeps_body_properties_and_routing_key(
     ]
 
     # When all are redriven
-    code, out, err = await dlq(dead_letters.base, "redrive")
+    code, out, err = await run_dlq(dead_letters.base, "redrive")
 
     # Then each reached the input exchange as it was, with x-redrive-count "1"
     assert code == 0, err
@@ -263,14 +211,14 @@ async def test_redrive_all_keeps_body_properties_and_routing_key(
         assert message.routing_key == original.headers["x-original-routing-key"]
         assert message.headers["app-header"] == "kept"
         assert message.headers["x-redrive-count"] == "1"
-    assert await dead_letters.count(THROTTLED) == 0
-    assert await dead_letters.count(UNKNOWN) == 0
+    assert await dead_letters.broker.dead_letter_count(THROTTLED) == 0
+    assert await dead_letters.broker.dead_letter_count(UNKNOWN) == 0
 
 
 async def test_a_second_round_trip_counts_two_redrives(dead_letters: DeadLetters) -> None:
     # Given a dead letter redriven once, which the worker dead-letters again
     await dead_letters.put(THROTTLED, 1)
-    assert (await dlq(dead_letters.base, "redrive"))[0] == 0
+    assert (await run_dlq(dead_letters.base, "redrive"))[0] == 0
     [redriven] = await dead_letters.take_redriven()
     failure = EventFailure(ErrorVariant.THROTTLING, THROTTLED, "Rate exceeded", 429)
     now = datetime.now(UTC)
@@ -278,7 +226,7 @@ async def test_a_second_round_trip_counts_two_redrives(dead_letters: DeadLetters
     await dead_letters.publish_dead_letter(THROTTLED, build_dead_letter(redriven, failure, context))
 
     # When it is redriven again
-    code, _, err = await dlq(dead_letters.base, "redrive", "--variant", THROTTLED)
+    code, _, err = await run_dlq(dead_letters.base, "redrive", "--variant", THROTTLED)
 
     # Then it counts two redrives and still has its conversation's routing key
     assert code == 0, err
@@ -293,29 +241,34 @@ async def test_redrive_one_variant_within_a_limit(dead_letters: DeadLetters) -> 
         await dead_letters.put(THROTTLED, number)
     await dead_letters.put(UNKNOWN, 9)
 
-    code, _, err = await dlq(dead_letters.base, "redrive", "--variant", THROTTLED, "--limit", "2")
+    code, _, err = await run_dlq(
+        dead_letters.base, "redrive", "--variant", THROTTLED, "--limit", "2"
+    )
 
     assert code == 0, err
     assert [m.message_id for m in await dead_letters.take_redriven()] == ["m-0", "m-1"]
-    assert [m.message_id for m in await dead_letters.take(THROTTLED)] == ["m-2"]
-    assert await dead_letters.count(UNKNOWN) == 1
+    assert [m.message_id for m in await dead_letters.broker.take_dead_letters(THROTTLED)] == ["m-2"]
+    assert await dead_letters.broker.dead_letter_count(UNKNOWN) == 1
 
 
 async def test_redrive_dry_run_moves_nothing(dead_letters: DeadLetters) -> None:
     await dead_letters.put(THROTTLED, 1)
     await dead_letters.put(UNKNOWN, 2)
 
-    code, out, err = await dlq(dead_letters.base, "redrive", "--dry-run", "--limit", "1")
+    code, out, err = await run_dlq(dead_letters.base, "redrive", "--dry-run", "--limit", "1")
 
     assert code == 0, err
     assert f"would redrive 1 of 1 dead letter(s) from {dead_letters.base}.dlq.{THROTTLED}" in out
     assert UNKNOWN not in out
     assert await dead_letters.take_redriven() == []
-    assert await dead_letters.count(THROTTLED) == 1 and await dead_letters.count(UNKNOWN) == 1
+    assert (
+        await dead_letters.broker.dead_letter_count(THROTTLED) == 1
+        and await dead_letters.broker.dead_letter_count(UNKNOWN) == 1
+    )
 
 
 async def test_redrive_with_nothing_to_move_exits_1(dead_letters: DeadLetters) -> None:
-    code, out, _ = await dlq(dead_letters.base, "redrive")
+    code, out, _ = await run_dlq(dead_letters.base, "redrive")
 
     assert code == 1
     assert "nothing to redrive" in out
@@ -325,7 +278,7 @@ async def test_long_redrive_shows_progress(dead_letters: DeadLetters) -> None:
     for number in range(120):
         await dead_letters.put(UNKNOWN, number)
 
-    code, _, err = await dlq(dead_letters.base, "redrive")
+    code, _, err = await run_dlq(dead_letters.base, "redrive")
 
     assert code == 0, err
     assert "\r redriven 120/120" in err
@@ -338,17 +291,20 @@ async def test_purge_refuses_without_yes_then_purges(dead_letters: DeadLetters) 
     await dead_letters.put(UNKNOWN, 2)
 
     # When purge runs without --yes, it says what it would purge and refuses
-    code, out, err = await dlq(dead_letters.base, "purge")
+    code, out, err = await run_dlq(dead_letters.base, "purge")
     assert code == 1
     assert f"would purge 1 dead letter(s) from {dead_letters.base}.dlq.{THROTTLED}" in out
     assert "--yes" in err
-    assert await dead_letters.count(THROTTLED) == 1
+    assert await dead_letters.broker.dead_letter_count(THROTTLED) == 1
 
     # When it runs with --yes, every dead-letter queue is empty
-    code, out, err = await dlq(dead_letters.base, "purge", "--yes")
+    code, out, err = await run_dlq(dead_letters.base, "purge", "--yes")
     assert code == 0, err
     assert "purged 2 dead letter(s)" in out
-    assert await dead_letters.count(THROTTLED) == 0 and await dead_letters.count(UNKNOWN) == 0
+    assert (
+        await dead_letters.broker.dead_letter_count(THROTTLED) == 0
+        and await dead_letters.broker.dead_letter_count(UNKNOWN) == 0
+    )
 
 
 async def test_purge_older_than_removes_old_ones_from_the_head(dead_letters: DeadLetters) -> None:
@@ -358,13 +314,16 @@ async def test_purge_older_than_removes_old_ones_from_the_head(dead_letters: Dea
     await dead_letters.put(UNKNOWN, 5, age=timedelta(days=30))
 
     # When dead letters older than a week are purged (no --yes: this is the retention job)
-    code, out, err = await dlq(dead_letters.base, "purge", "--older-than", "7d")
+    code, out, err = await run_dlq(dead_letters.base, "purge", "--older-than", "7d")
 
     # Then the old head goes, and everything from the first younger one on stays, in order
     assert code == 0, err
     assert "removed 3 dead letter(s)" in out
-    assert [m.message_id for m in await dead_letters.take(THROTTLED)] == ["m-2", "m-3"]
-    assert await dead_letters.count(UNKNOWN) == 0
+    assert [m.message_id for m in await dead_letters.broker.take_dead_letters(THROTTLED)] == [
+        "m-2",
+        "m-3",
+    ]
+    assert await dead_letters.broker.dead_letter_count(UNKNOWN) == 0
 
 
 @pytest.mark.parametrize(
@@ -376,7 +335,7 @@ async def test_purge_older_than_removes_old_ones_from_the_head(dead_letters: Dea
     ],
 )
 async def test_usage_errors_exit_2(args: tuple[str, ...]) -> None:
-    code, _, err = await dlq("test-dlq-unused", *args)
+    code, _, err = await run_dlq("test-dlq-unused", *args)
 
     assert code == 2
     assert "usage:" in err
@@ -395,32 +354,20 @@ async def test_redrive_refused_by_the_broker_keeps_the_dead_letter() -> None:
         )
         try:
             # When it is redriven, the unroutable copy comes back
-            code, _, err = await dlq(base, "redrive", "--variant", UNKNOWN)
+            code, _, err = await run_dlq(base, "redrive", "--variant", UNKNOWN)
 
             # Then the command stops with a clear message and the dead letter stays
             assert code == 1
             assert "returned" in err and "stopped after 0" in err
-            assert [m.message_id for m in await _drain(queue)] == ["kept"]
+            assert [m.message_id for m in await take_ready(queue)] == ["kept"]
         finally:
             await channel.queue_delete(queue.name)
             await channel.exchange_delete(base)
 
 
 async def test_unreachable_broker_exits_69_without_the_password() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "dlq",
-        "list",
-        "--amqp-url",
-        "amqp://guest:S3cretPw@127.0.0.1:1/",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=REPO,
-    )
-    output = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    done = await run_command("dlq", "list", "--amqp-url", "amqp://guest:S3cretPw@127.0.0.1:1/")
 
-    assert process.returncode == ExitCode.BROKER_UNAVAILABLE
-    assert "cannot connect to the broker at amqp://guest:***@127.0.0.1:1/" in output
-    assert "S3cretPw" not in output
+    assert done.code == ExitCode.BROKER_UNAVAILABLE
+    assert "cannot connect to the broker at amqp://guest:***@127.0.0.1:1/" in done.output
+    assert "S3cretPw" not in done.output

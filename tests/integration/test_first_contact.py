@@ -7,23 +7,27 @@ output means it leaked.
 """
 
 import asyncio
-import os
-import signal
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aio_pika
 import pytest
 from yarl import URL
 
-from tests.integration.support import AMQP_URL, REPO, free_port
+from tests.integration.support import (
+    AMQP_URL,
+    REPO,
+    Outcome,
+    WorkerProcess,
+    free_port,
+    run_command,
+)
 from worker.broker import connect_plain, explained
 from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings
+from worker.testing.environment import clean_environment
 from worker.testing.simulator import ConnectSimulator
 from worker.topology import declare_topology, delete_topology, work_queue_name
 
@@ -47,24 +51,9 @@ ONE_SHOT_ARGS = {
 }
 
 
-@dataclass
-class Outcome:
-    """What a command did: its exit code, every line it printed, and how long it took."""
-
-    code: int
-    lines: list[str]
-    seconds: float
-
-    @property
-    def text(self) -> str:
-        """Return stdout and stderr as one text."""
-        return "\n".join(self.lines)
-
-
 def command_env() -> dict[str, str]:
     """Build a clean environment: only this test's settings reach the command."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "AWS_"))}
-    env.update(
+    return clean_environment(
         WORKER_CONFIG=str(REPO / "config" / "worker.toml"),
         WORKER_AMQP_CONNECT_TIMEOUT_SECONDS=str(CONNECT_TIMEOUT),
         WORKER_PARTITIONS=str(PARTITIONS),
@@ -76,25 +65,12 @@ def command_env() -> dict[str, str]:
         AWS_EC2_METADATA_DISABLED="true",
         PYTHONUNBUFFERED="1",
     )
-    return env
 
 
 async def command(name: str, url: str, base: str) -> Outcome:
     """Run one command to its end; return what it did."""
-    started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "worker", *ONE_SHOT_ARGS[name], "--queue", base],
-        *["--amqp-url", url],
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=REPO,
-        env=command_env(),
-    )
-    output, _ = await asyncio.wait_for(process.communicate(EVENT_LINE), 60)
-    assert process.returncode is not None
-    lines = output.decode(errors="replace").splitlines()
-    return Outcome(process.returncode, lines, time.monotonic() - started)
+    args = [*ONE_SHOT_ARGS[name], "--queue", base, "--amqp-url", url]
+    return await run_command(*args, env=command_env(), stdin=EVENT_LINE, timeout=60)
 
 
 async def commands(names: list[str], url: str, base: str) -> dict[str, Outcome]:
@@ -109,61 +85,26 @@ def assert_told(name: str, outcome: Outcome, code: ExitCode, line: str) -> None:
     `check` reports each problem in a line of its own among the settings it prints, and
     exits 1 for any problem.
     """
-    assert not any("Traceback" in text for text in outcome.lines), outcome.text
+    assert not any("Traceback" in text for text in outcome.lines), outcome.output
     if name == "check":
-        assert outcome.code == ExitCode.PROBLEMS, outcome.text
+        assert outcome.code == ExitCode.PROBLEMS, outcome.output
         told = [text for text in outcome.lines if text.startswith("chat-worker check: ")]
         told = [text for text in told if line in text]
     else:
-        assert outcome.code == code, outcome.text
+        assert outcome.code == code, outcome.output
         told = outcome.lines
-    assert len(told) == 1 and line in told[0], outcome.text
+    assert len(told) == 1 and line in told[0], outcome.output
 
 
 def assert_no_secret(outcome: Outcome, *secrets: str) -> None:
     """Assert that no secret appears in anything the command printed."""
     for secret in (*secrets, AWS_SECRET):
-        assert secret not in outcome.text, outcome.text
+        assert secret not in outcome.output, outcome.output
 
 
-class WorkerRun:
-    """`python -m worker run` as a process, its output in a file, for signal tests."""
-
-    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
-        self.process = process
-        self.log_path = log_path
-
-    @classmethod
-    async def start(cls, url: str, base: str, log_path: Path) -> "WorkerRun":
-        """Start the worker."""
-        with log_path.open("wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                *[sys.executable, "-m", "worker", "run", "--queue", base, "--amqp-url", url],
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=REPO,
-                env=command_env(),
-            )
-        return cls(process, log_path)
-
-    def text(self) -> str:
-        """Return what it printed so far."""
-        return self.log_path.read_text(errors="replace")
-
-    async def wait_for(self, text: str, timeout: float = 30.0) -> None:
-        """Wait until it prints a text; fail if it exits or takes too long."""
-        deadline = time.monotonic() + timeout
-        while text not in self.text():
-            assert self.process.returncode is None, f"exited early:\n{self.text()}"
-            assert time.monotonic() < deadline, f"never printed {text!r}:\n{self.text()}"
-            await asyncio.sleep(0.1)
-
-    async def stop(self) -> tuple[int, float]:
-        """Send SIGTERM; return the exit code and how long the exit took."""
-        self.process.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        code = await asyncio.wait_for(self.process.wait(), 30)
-        return code, time.monotonic() - sent
+async def start_run(url: str, base: str, log_path: Path) -> WorkerProcess:
+    """Start `python -m worker run` on a URL and a topology, its output in a file."""
+    return await WorkerProcess.start(command_env(), log_path, "--queue", base, "--amqp-url", url)
 
 
 @pytest.fixture
@@ -240,7 +181,7 @@ async def test_run_says_why_it_waits_for_a_silent_broker_and_stops_at_sigterm(
 ) -> None:
     # Given the worker pointed at a node that accepts TCP and never answers
     url = url_with_password(PASSWORD, f"127.0.0.1:{silent_broker}")
-    worker = await WorkerRun.start(url, base, tmp_path / "run.log")
+    worker = await start_run(url, base, tmp_path / "run.log")
 
     # Then it says why it does not start, each time it tries
     await worker.wait_for(f"no answer within {CONNECT_TIMEOUT:g} s")
@@ -310,7 +251,7 @@ async def test_an_unreachable_broker_fails_one_shot_commands_and_run_keeps_tryin
         assert_no_secret(outcome, PASSWORD)
 
     # `run` says the same and tries again, since the broker may come up later
-    worker = await WorkerRun.start(url, base, tmp_path / "run.log")
+    worker = await start_run(url, base, tmp_path / "run.log")
     await worker.wait_for(line)
     await worker.wait_for('"retry_in_seconds": 3.0')
     code, seconds = await worker.stop()
@@ -355,7 +296,7 @@ async def test_a_queue_with_other_arguments_is_one_line_naming_it(
     line = f"queue '{conflicting_queue}' exists on the broker with other arguments"
     for name, outcome in outcomes.items():
         assert_told(name, outcome, ExitCode.TOPOLOGY_CONFLICT, line)
-        assert "PRECONDITION_FAILED - inequivalent arg" in outcome.text
+        assert "PRECONDITION_FAILED - inequivalent arg" in outcome.output
     assert "run `chat-worker declare`" not in "\n".join(
         text for text in outcomes["check"].lines if conflicting_queue in text
     )
@@ -400,10 +341,9 @@ async def main(raw: str) -> None:
     WorkerSettings(amqp_url=raw)  # registers the password, as every command does
     configure_logging("INFO", console=False)
     connection = aio_pika.RobustConnection(URL(raw), reconnect_interval=0.2)
-    attempt = asyncio.ensure_future(connection.connect())
-    await asyncio.sleep(1.5)
-    attempt.cancel()
-    await connection.close()
+    attempt = asyncio.ensure_future(connection.connect())  # held: a task may be collected
+    await asyncio.Event().wait()  # until the test has read what it needs and ends us
+
 
 asyncio.run(main(sys.argv[1]))
 """
@@ -419,9 +359,29 @@ async def test_aio_pika_reconnect_lines_never_show_the_password() -> None:
         cwd=REPO,
         env=command_env(),
     )
-    output = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    reconnect_line = "Reconnect attempt failed amqp//guest:***@127.0.0.1:5672/"
+    aiormq_line = '"logger": "aiormq.connection"'
+
+    def enough(out: str) -> bool:
+        """Say whether both lines are out, or the password is (the test then fails at once)."""
+        return PASSWORD in out or (reconnect_line in out and aiormq_line in out)
+
+    try:
+        output = await asyncio.wait_for(_read_until(process, enough), 30)
+    finally:
+        process.kill()
+        await process.wait()
 
     # Then its lines, and aiormq's, come through the worker's logging masked
-    assert "Reconnect attempt failed amqp//guest:***@127.0.0.1:5672/" in output, output
-    assert '"logger": "aiormq.connection"' in output
     assert PASSWORD not in output
+    assert reconnect_line in output, output
+    assert aiormq_line in output
+
+
+async def _read_until(process: asyncio.subprocess.Process, enough: Callable[[str], bool]) -> str:
+    """Read a process's output until what it printed is `enough` (or it ends)."""
+    assert process.stdout is not None
+    output = ""
+    while not enough(output) and (line := await process.stdout.readline()):
+        output += line.decode(errors="replace")
+    return output

@@ -4,7 +4,6 @@ Every command runs as a user runs it (`python -m worker ...`, a clean environmen
 check the exit code, the line printed, and that no traceback reaches the user.
 """
 
-import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import PARTITIONS
-from tests.integration.support import AMQP_URL, REPO, Broker
-from tests.integration.test_commands import run_command
+from tests.integration.support import AMQP_URL, REPO, Broker, run_command
 from worker import __version__
 from worker.problems import ExitCode
+from worker.testing.environment import clean_environment
 
 pytestmark = pytest.mark.integration
 
@@ -38,18 +37,16 @@ async def command(
 
     Fails the test if any line belongs to a traceback.
     """
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "AWS_"))}
-    clean.update(
-        WORKER_AMQP_URL=AMQP_URL,
-        WORKER_CONFIG=str(REPO / "config" / "worker.toml"),
-        WORKER_PARTITIONS=str(PARTITIONS),
-    )
+    settings = {
+        "WORKER_AMQP_URL": AMQP_URL,
+        "WORKER_CONFIG": str(REPO / "config" / "worker.toml"),
+        "WORKER_PARTITIONS": str(PARTITIONS),
+    }
     if region:
-        clean["AWS_DEFAULT_REGION"] = "us-east-1"
-    clean.update(env or {})
-    code, output = await run_command(*args, env=clean)
-    assert "Traceback" not in output, output
-    return code, [line for line in output.splitlines() if line.strip()]
+        settings["AWS_DEFAULT_REGION"] = "us-east-1"
+    done = await run_command(*args, env=clean_environment(**{**settings, **(env or {})}))
+    assert "Traceback" not in done.output, done.output
+    return done.code, [line for line in done.lines if line.strip()]
 
 
 @contextmanager

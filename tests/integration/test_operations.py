@@ -4,25 +4,24 @@ import asyncio
 import contextlib
 import json
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import StartWorker
 from tests.integration.support import (
-    AMQP_URL,
-    REPO,
     Broker,
+    Samples,
     TcpProxy,
     chat_event,
+    control,
     encode,
-    free_port,
+    http_get,
+    run_dlq,
+    scrape,
     wait_until,
     worker_environment,
 )
@@ -46,30 +45,9 @@ async def publish_event(broker: Broker, body: dict, **properties: Any) -> str:
     return await broker.publish(encode(body), routing_key=conversation_key(body), **properties)
 
 
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    """GET one of the worker's endpoints; a refused connection reads as status 0."""
-    try:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}{path}") as response,
-        ):
-            return response.status, await response.text()
-    except aiohttp.ClientConnectionError:
-        return 0, ""
-
-
 async def status_is(port: int, path: str, expected: int) -> bool:
     """Return True when the endpoint answers with the expected status."""
     return (await http_get(port, path))[0] == expected
-
-
-async def add_rule(simulator: ConnectSimulator, rule: dict[str, Any]) -> None:
-    """Add a fault rule through the simulator's HTTP control API."""
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{simulator.url}/_sim/rules", json=rule) as response,
-    ):
-        assert response.status == 200, await response.text()
 
 
 def delivered_contents(simulator: ConnectSimulator) -> list[str]:
@@ -106,44 +84,6 @@ async def queued_contents(broker: Broker) -> list[str]:
     return contents
 
 
-async def run_dlq(broker: Broker, *args: str) -> tuple[int, str]:
-    """Run `python -m worker dlq ...` against this test's topology; return (code, output)."""
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "WORKER_AMQP_URL": AMQP_URL,
-        "WORKER_QUEUE": broker.base,
-        "WORKER_PARTITIONS": str(broker.partitions),
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "dlq",
-        *args,
-        env=env,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, output.decode()
-
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(port: int) -> Samples:
-    """GET /metrics and parse it as Prometheus does: {(sample name, labels): value}."""
-    status, text = await http_get(port, "/metrics")
-    assert status == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def value(samples: Samples, name: str, **labels: str) -> float:
     """Return one sample's value; a missing series fails the test."""
     key = (name, frozenset(labels.items()))
@@ -169,9 +109,8 @@ async def test_a_network_cut_to_the_broker_loses_nothing_and_consuming_resumes(
     # Given a worker that reaches the broker only through a proxy, ready and consuming
     proxy = TcpProxy()
     await proxy.start()
-    port = free_port()
     try:
-        await start_worker(WORKER_AMQP_URL=proxy.url, WORKER_HTTP_PORT=str(port))
+        port = (await start_worker(WORKER_AMQP_URL=proxy.url)).port
         await wait_until(lambda: status_is(port, "/readyz", 200), timeout=10)
         before = [f"before {i}" for i in range(8)]
         for i, content in enumerate(before):
@@ -220,14 +159,15 @@ async def test_log_lines_stay_json_when_the_broker_connection_is_lost(
     # Given a worker connected through a proxy
     proxy = TcpProxy()
     await proxy.start()
-    port = free_port()
     try:
-        worker = await start_worker(WORKER_AMQP_URL=proxy.url, WORKER_HTTP_PORT=str(port))
+        worker = await start_worker(WORKER_AMQP_URL=proxy.url)
+        port = worker.port
+        logged_before_cut = len(worker.log_lines())
 
         # When the network to the broker is cut for a moment
         proxy.cut()
         await wait_until(lambda: status_is(port, "/readyz", 503), timeout=5)
-        await asyncio.sleep(1.0)
+        await wait_until(lambda: _logged_the_loss(worker.log_lines()[logged_before_cut:]))
     finally:
         await proxy.stop()
 
@@ -244,6 +184,11 @@ def _consumers_restored(broker: Broker) -> Callable[[], Awaitable[bool]]:
         return await broker.work_consumers() >= broker.partitions
 
     return restored
+
+
+def _logged_the_loss(lines: list[str]) -> bool:
+    """Return True once a line speaks of the connection (aiormq's and aio-pika's say so)."""
+    return any("connection" in line.lower() for line in lines)
 
 
 def _is_json_object(line: str) -> bool:
@@ -283,7 +228,8 @@ async def test_sigterm_mid_backlog_exits_within_grace_and_acks_only_what_was_del
 
     # And every event that left the queue was delivered: none acked unsent, none lost, and
     # what is left waits in publish order
-    await asyncio.sleep(0.5)  # a call cut off at exit may still be answered by the simulator
+    # A call cut off at exit may still be answered by the simulator: wait for every answer
+    await wait_until(lambda: len(simulator.calls) == simulator.arrived, timeout=5)
     delivered = delivered_contents(simulator)
     queued = await queued_contents(broker)
     assert len(delivered) == len(set(delivered)), "an event was delivered twice"
@@ -303,7 +249,7 @@ async def test_sigterm_does_not_hand_back_an_event_whose_call_is_on_the_wire(
     for content in published:
         await publish_event(broker, event("agent-1", content))
     worker = await start_worker(WORKER_SHUTDOWN_GRACE_SECONDS="1")
-    await asyncio.sleep(0.5)  # the first call is on its way
+    await wait_until(lambda: simulator.arrived >= 1, timeout=10)  # the first call is on its way
 
     # When it is told to stop while that call waits for its answer
     worker.signal(signal.SIGTERM)
@@ -329,8 +275,9 @@ async def test_redriven_dead_letters_are_delivered_and_a_second_failure_counts_t
     # Given five events that Connect refuses once each with InvalidRequestException
     invalid = ErrorVariant.INVALID_REQUEST.value
     not_found = ErrorVariant.RESOURCE_NOT_FOUND.value
-    await add_rule(
+    await control(
         simulator,
+        "rules",
         {"match": {"DestinationId": "flaky"}, "code": "InvalidRequestException", "times": 5},
     )
     await start_worker()
@@ -343,7 +290,7 @@ async def test_redriven_dead_letters_are_delivered_and_a_second_failure_counts_t
     assert simulator.received == []
 
     # When an operator asks what a redrive would move
-    code, output = await run_dlq(broker, "redrive", "--dry-run")
+    code, output, _ = await run_dlq(broker.base, "redrive", "--dry-run")
 
     # Then it says so and moves nothing
     assert code == 0, output
@@ -353,11 +300,12 @@ async def test_redriven_dead_letters_are_delivered_and_a_second_failure_counts_t
     assert simulator.received == []
 
     # When one of them will fail once more (ResourceNotFound), and the operator redrives
-    await add_rule(
+    await control(
         simulator,
+        "rules",
         {"match": {"Event": originals[2]["Event"]}, "code": not_found, "times": 1},
     )
-    code, output = await run_dlq(broker, "redrive")
+    code, output, _ = await run_dlq(broker.base, "redrive")
 
     # Then the other four reach Connect with their original bodies, and the InvalidRequest
     # dead-letter queue is empty
@@ -392,8 +340,9 @@ async def test_every_log_line_is_json_with_ids_and_no_personal_data_or_secret(
     await wait_until(lambda: len(simulator.received) == 1)
 
     # When real traffic of every outcome flows: each API error, a retry, malformed bodies
-    await add_rule(
+    await control(
         simulator,
+        "rules",
         {"match": {"DestinationId": "retry-once"}, "code": "InternalServiceException", "times": 1},
     )
     ids[await publish_event(broker, event("retry-once"))] = "delivered"
@@ -459,8 +408,7 @@ async def test_metrics_count_each_outcome(
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
 ) -> None:
     # Given a worker with its HTTP endpoints on a known port
-    port = free_port()
-    await start_worker(WORKER_HTTP_PORT=str(port))
+    port = (await start_worker()).port
 
     # When 10 events are delivered, 2 refused as invalid, 1 not found and 3 are malformed
     for i in range(10):
@@ -509,8 +457,7 @@ async def test_metrics_count_accepted_api_calls_as_ok(
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
 ) -> None:
     # Given a worker with its HTTP endpoints on a known port
-    port = free_port()
-    await start_worker(WORKER_HTTP_PORT=str(port))
+    port = (await start_worker()).port
 
     # When Connect accepts three events
     for i in range(3):
@@ -533,8 +480,8 @@ async def _metric_is(port: int, name: str, expected: float) -> bool:
 
 async def test_healthz_is_ok_while_running(broker: Broker, start_worker: StartWorker) -> None:
     # Given a running worker
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port))
+    worker = await start_worker()
+    port = worker.port
 
     # When a probe asks whether it is alive
     status, text = await http_get(port, "/healthz")

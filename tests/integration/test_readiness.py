@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, chat_event, encode, free_port, wait_until
+from tests.integration.support import Broker, chat_event, encode, wait_until
 from worker.models import conversation_key
 from worker.testing.simulator import ConnectSimulator
 
@@ -26,8 +26,7 @@ async def test_deleted_work_queues_make_it_not_ready_until_they_are_back_and_bou
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker
 ) -> None:
     # Given a worker that consumes every partition and says so
-    port = free_port()
-    await start_worker(WORKER_HTTP_PORT=str(port))
+    port = (await start_worker()).port
     await wait_until(lambda: _status_is(port, 200), timeout=10)
 
     # When the work queues are deleted under it

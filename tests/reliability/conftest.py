@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from tests.integration.conftest import broker, simulator, start_worker  # noqa: F401
+from tests.integration.conftest import broker, start_worker  # noqa: F401
 from tests.integration.support import Broker
 from tests.reliability.ledger import REDIS_URL
 

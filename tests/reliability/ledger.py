@@ -9,18 +9,16 @@ them as a multiset).
 
 import asyncio
 import json
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from tests.integration.support import Broker
+from tests.integration.support import Broker, chat_event, encode, metric, readiness
 from worker.models import ChatIntegrationEvent, conversation_key
 from worker.pipeline.dedupe import Fingerprint, RedisLedger
 from worker.pipeline.errors import ErrorVariant
@@ -46,12 +44,7 @@ def request_key(body: bytes) -> str | None:
 
 def token_event(token: str, conversation: int, destination: str = "agent") -> bytes:
     """Return a valid MESSAGE event whose Content is the token (the message_id, usually)."""
-    event = {
-        "SourceId": f"+1555{conversation:07d}",
-        "DestinationId": destination,
-        "Event": {"Type": "MESSAGE", "ContentType": "text/plain", "Content": token},
-    }
-    return json.dumps(event).encode()
+    return encode(chat_event(f"+1555{conversation:07d}", destination, token))
 
 
 @dataclass
@@ -193,46 +186,6 @@ async def dead_letter_total(broker: Broker) -> int:
 async def drained(broker: Broker, ledger: Ledger, simulator: ConnectSimulator) -> bool:
     """Return True once every published event was delivered or dead-lettered."""
     return ledger.settled_at_least(simulator, await dead_letter_total(broker))
-
-
-async def control(simulator: ConnectSimulator, what: str, spec: Json) -> None:
-    """POST to the simulator's control API, as an operator of the simulator would."""
-    url = f"{simulator.url}/_sim/{what}"
-    async with aiohttp.ClientSession() as http, http.post(url, json=spec) as response:
-        response.raise_for_status()
-
-
-_SAMPLE = re.compile(
-    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$"
-)
-
-
-async def metric(port: int, name: str, **labels: str) -> float:
-    """Return the sum of a metric's samples that carry `labels`, from /metrics (0 if none)."""
-    wanted = [f'{label}="{value}"' for label, value in labels.items()]
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"http://127.0.0.1:{port}/metrics") as response,
-    ):
-        text = await response.text()
-    total = 0.0
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match and match["name"] == name and all(w in (match["labels"] or "") for w in wanted):
-            total += float(match["value"])
-    return total
-
-
-async def readiness(port: int) -> int:
-    """Return the status of the worker's /readyz (0 when it does not answer)."""
-    try:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}/readyz") as response,
-        ):
-            return response.status
-    except aiohttp.ClientError:
-        return 0
 
 
 async def quiescent(broker: Broker, port: int) -> bool:

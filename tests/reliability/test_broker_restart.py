@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, TcpProxy, free_port, wait_until
-from tests.reliability.ledger import Ledger, drained, quiescent, readiness, token_event
+from tests.integration.support import Broker, TcpProxy, readiness, wait_until
+from tests.reliability.ledger import Ledger, drained, quiescent, token_event
 from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -47,13 +47,12 @@ async def test_cut_connection_mid_backlog_resumes_without_loss(
         await asyncio.gather(
             *(_publish(ledger, broker, mid) for mid in range(index, index + 50)),
         )
-    port = free_port()
     worker = await start_worker(
         WORKER_AMQP_URL=proxy.url,
-        WORKER_HTTP_PORT=str(port),
         WORKER_PREFETCH=str(PREFETCH),
         WORKER_THROTTLE_MAX_ATTEMPTS="10",
     )
+    port = worker.port
     await wait_until(lambda: len(simulator.received) >= EVENTS // 4, timeout=60)
 
     # When the broker is unreachable for 4 seconds while more events are published
@@ -95,20 +94,19 @@ async def test_calls_on_the_wire_at_a_cut_are_not_sent_twice_by_the_same_process
 ) -> None:
     # Given a slow Connect (1.5 s per call) and a worker with the default in-memory ledger
     simulator.config.latency_ms = 1500
-    port = free_port()
-    worker = await start_worker(
-        WORKER_AMQP_URL=proxy.url, WORKER_READ_TIMEOUT_SECONDS="10", WORKER_HTTP_PORT=str(port)
-    )
+    worker = await start_worker(WORKER_AMQP_URL=proxy.url, WORKER_READ_TIMEOUT_SECONDS="10")
+    port = worker.port
     ledger = Ledger()
     for index in range(8):
         message_id = f"wire-{index}"
         await ledger.publish(broker, token_event(message_id, index), message_id)
 
-    # When the broker connection is cut while those calls are on the wire
-    await asyncio.sleep(0.8)
+    # When the broker connection is cut while those calls are on the wire, and Connect
+    # answers them before it is back
+    await wait_until(lambda: simulator.arrived == 8, timeout=10)
     cut_at = time.time()
     proxy.cut()
-    await asyncio.sleep(1.0)
+    await wait_until(lambda: len(simulator.calls) == 8, timeout=10)
     proxy.restore()
     await wait_until(lambda: drained(broker, ledger, simulator), timeout=30, every=0.25)
     await wait_until(lambda: quiescent(broker, port), timeout=30, every=0.25)

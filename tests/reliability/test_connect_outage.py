@@ -12,18 +12,9 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import Broker, control, metric, readiness, wait_until
 from tests.reliability.conftest import REDIS_URL
-from tests.reliability.ledger import (
-    Ledger,
-    control,
-    drained,
-    metric,
-    quiescent,
-    readiness,
-    received_tokens,
-    remembered_ids,
-)
+from tests.reliability.ledger import Ledger, drained, quiescent, received_tokens, remembered_ids
 from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -45,8 +36,8 @@ async def test_failing_connect_for_10s_mid_backlog_loses_nothing(
     simulator.config.burst = 20
     ledger = Ledger()
     await ledger.publish_tokens(broker, 1200, prefix="fail")
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port), **BUDGETS)
+    worker = await start_worker(**BUDGETS)
+    port = worker.port
     await wait_until(lambda: len(simulator.received) >= 300, timeout=30)
 
     # When Connect answers every call with InternalServiceException for 10 seconds
@@ -89,11 +80,9 @@ async def test_stalled_connect_beyond_the_read_timeout_loses_nothing(
     simulator.config.burst = 20
     ledger = Ledger()
     await ledger.publish_tokens(broker, 800, prefix=ledger_kind)
-    port = free_port()
     extra = {"WORKER_REDIS_URL": REDIS_URL} if ledger_kind == "redis-ledger" else {}
-    worker = await start_worker(
-        WORKER_HTTP_PORT=str(port), WORKER_READ_TIMEOUT_SECONDS="1", **BUDGETS, **extra
-    )
+    worker = await start_worker(WORKER_READ_TIMEOUT_SECONDS="1", **BUDGETS, **extra)
+    port = worker.port
     await wait_until(lambda: len(simulator.received) >= 200, timeout=30)
 
     # When, for 6 seconds, Connect takes 2 s to answer (and accepts the event all the same)

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import Broker, wait_until
 from tests.reliability.conftest import REDIS_URL
 from tests.reliability.ledger import (
     Ledger,
@@ -62,7 +62,7 @@ async def test_sigkill_mid_backlog_loses_nothing(
         "WORKER_TRANSIENT_MAX_ATTEMPTS": "6",
         **LEDGERS[ledger_kind],
     }
-    worker = await start_worker(WORKER_HTTP_PORT=str(free_port()), **settings)
+    worker = await start_worker(**settings)
     workers = [worker]
     started = time.monotonic()
 
@@ -72,15 +72,14 @@ async def test_sigkill_mid_backlog_loses_nothing(
         await wait_until(received_at_least(simulator, target), timeout=60)
         worker.signal(signal.SIGKILL)
         assert await worker.wait() == -signal.SIGKILL
-        port = free_port()
-        worker = await start_worker(WORKER_HTTP_PORT=str(port), **settings)
+        worker = await start_worker(**settings)
         workers.append(worker)
 
     # Then every event is delivered (none dead-lettered), and the queues are empty
     await wait_until(lambda: drained(broker, ledger, simulator), timeout=90, every=0.25)
     drain_seconds = time.monotonic() - started
     # Quiescent: nothing waits or is held, so every redelivery has had its chance to duplicate.
-    await wait_until(lambda: quiescent(broker, port), timeout=20, every=0.25)
+    await wait_until(lambda: quiescent(broker, worker.port), timeout=20, every=0.25)
     await ledger.collect_dead_letters(broker)
     tally = ledger.tally(simulator)
     skipped = sum(

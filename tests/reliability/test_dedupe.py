@@ -10,9 +10,9 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import Broker, metric, wait_until
 from tests.reliability.conftest import REDIS_URL
-from tests.reliability.ledger import metric, quiescent, received_tokens, token_event
+from tests.reliability.ledger import quiescent, received_tokens, token_event
 from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -38,8 +38,8 @@ async def test_a_redelivered_message_id_is_sent_once_with_the_ledger(
     await broker.publish(token_event("after", 1), routing_key="conversation-1", message_id="next")
 
     # When one worker consumes them, with the in-memory ledger or with dedupe off
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port), WORKER_DEDUPE_WINDOW_SECONDS=window)
+    worker = await start_worker(WORKER_DEDUPE_WINDOW_SECONDS=window)
+    port = worker.port
     await wait_until(lambda: "after" in received_tokens(simulator), timeout=20)
     await wait_until(lambda: quiescent(broker, port), timeout=10, every=0.1)
 
@@ -76,8 +76,8 @@ async def test_only_the_redis_ledger_outlives_the_process(
     # When the same message_id arrives again, at a new worker process
     await broker.publish(body, routing_key="conversation-2", message_id="again-id")
     await broker.publish(token_event("after", 2), routing_key="conversation-2", message_id="n")
-    port = free_port()
-    second = await start_worker(WORKER_HTTP_PORT=str(port), **ledger_env)
+    second = await start_worker(**ledger_env)
+    port = second.port
     await wait_until(lambda: "after" in received_tokens(simulator), timeout=20)
     await wait_until(lambda: quiescent(broker, port), timeout=10, every=0.1)
 
@@ -106,8 +106,8 @@ async def test_a_reused_message_id_with_another_body_is_delivered_and_counted(
         await broker.publish(body, routing_key="conversation-3", message_id="counter-1")
 
     # When one worker consumes them
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port), **ledger_env)
+    worker = await start_worker(**ledger_env)
+    port = worker.port
     await wait_until(lambda: "control" in received_tokens(simulator), timeout=20)
     await wait_until(lambda: quiescent(broker, port), timeout=10, every=0.1)
 
@@ -130,8 +130,8 @@ async def test_the_redis_ledger_reads_and_writes_the_keys_of_earlier_versions(
     await broker.publish(token_event("new", 4), routing_key="conversation-4", message_id="new-id")
 
     # When a worker of this version consumes them
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port), WORKER_REDIS_URL=REDIS_URL)
+    worker = await start_worker(WORKER_REDIS_URL=REDIS_URL)
+    port = worker.port
     await wait_until(lambda: "new" in received_tokens(simulator), timeout=20)
     await wait_until(lambda: quiescent(broker, port), timeout=10, every=0.1)
 

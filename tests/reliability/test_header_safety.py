@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, wait_until
-from tests.reliability.ledger import Ledger, control, dead_letter_total, token_event
+from tests.integration.support import Broker, control, wait_until
+from tests.reliability.ledger import Ledger, dead_letter_total, token_event
 from worker.pipeline.envelope import REPLACED_HEADERS
 from worker.testing.simulator import ConnectSimulator
 

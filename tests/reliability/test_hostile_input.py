@@ -21,14 +21,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
+from tests.integration.support import Broker, readiness, wait_until
 from tests.reliability.ledger import (
     Ledger,
     Tally,
     dead_letter_total,
     drained,
     quiescent,
-    readiness,
     request_key,
     token_event,
 )
@@ -334,8 +333,8 @@ async def test_fuzzed_bodies_and_properties_end_delivered_or_malformed(
     assert 200 <= len(must_deliver) <= len(examples) - 500, "the mix lost its balance"
 
     # When one worker with a 64 KiB body limit consumes them all
-    port = free_port()
-    worker = await start_worker(WORKER_MAX_BODY_BYTES=str(MAX_BODY), WORKER_HTTP_PORT=str(port))
+    worker = await start_worker(WORKER_MAX_BODY_BYTES=str(MAX_BODY))
+    port = worker.port
 
     async def all_settled() -> bool:
         return len(simulator.received) + await dead_letter_total(broker) >= len(examples)
@@ -441,8 +440,8 @@ async def test_a_timestamp_in_microseconds_does_not_stall_the_worker(
 ) -> None:
     # Given a valid event whose AMQP timestamp is in microseconds
     ledger = Ledger()
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port))
+    worker = await start_worker()
+    port = worker.port
     poison = "timestamp-in-microseconds"
     stamp = MicrosecondTimestamp.now(dt.UTC)
     await ledger.publish(broker, token_event(poison, 999), poison, timestamp=stamp)
@@ -467,8 +466,8 @@ async def test_a_malformed_event_with_frame_filling_headers_does_not_stall_the_w
 ) -> None:
     # Given a body that is not JSON whose headers fill the frame the broker accepts
     ledger = Ledger()
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port))
+    worker = await start_worker()
+    port = worker.port
     padding = {"padding": "x" * FRAME_FILLING_HEADER}
     await ledger.publish(broker, b"not json", "frame-filling-headers", headers=padding)
 

@@ -12,9 +12,8 @@ import signal
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, free_port, wait_until
-from tests.integration.test_dlq import dlq
-from tests.reliability.ledger import Ledger, metric, quiescent, readiness, token_event
+from tests.integration.support import Broker, metric, readiness, run_dlq, wait_until
+from tests.reliability.ledger import Ledger, quiescent, token_event
 from worker.amqp_compat import text_from_wire, text_to_wire
 from worker.models import conversation_key
 from worker.testing.simulator import ConnectSimulator
@@ -69,8 +68,8 @@ async def test_odd_bytes_in_every_property_leave_the_conversation_in_order(
     await ledger.publish(broker, token_event("last", CONVERSATION), "last", KEY)
 
     # When one worker consumes them
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port))
+    worker = await start_worker()
+    port = worker.port
     await wait_until(lambda: quiescent(broker, port), timeout=30, every=0.25)
 
     # Then every valid event reached Connect once, in publish order, and nothing is left
@@ -79,9 +78,9 @@ async def test_odd_bytes_in_every_property_leave_the_conversation_in_order(
     assert await broker.work_count() == 0
     # And the malformed one is a dead letter that an operator can read and redrive, whose
     # properties are still the producer's bytes when it is dead-lettered again
-    code, shown, _ = await dlq(broker.base, "show")
+    code, shown, _ = await run_dlq(broker.base, "show")
     assert code == 0 and "odd-malformed" in shown
-    assert (await dlq(broker.base, "redrive", "--variant", "MalformedEvent"))[0] == 0
+    assert (await run_dlq(broker.base, "redrive", "--variant", "MalformedEvent"))[0] == 0
     await wait_until(lambda: redriven_dead_letter(broker), timeout=15, every=0.25)
     [letter] = await broker.take_dead_letters("MalformedEvent")
     assert letter.body == b"\xffnot json"

@@ -5,14 +5,10 @@ waits before SIGKILL. Events that wait to be sent are handed back at once; calls
 get what is left of the bound and are abandoned after it, their events handed back too.
 """
 
-import asyncio
-import signal
-import time
-
 import pytest
 
 from tests.integration.conftest import StartWorker
-from tests.integration.support import Broker, WorkerProcess, free_port, wait_until
+from tests.integration.support import Broker, control, readiness, wait_until
 from tests.integration.test_ordering import (
     CONVERSATIONS,
     EVENTS,
@@ -21,13 +17,14 @@ from tests.integration.test_ordering import (
     publish_interleaved,
     turns_by_conversation,
 )
-from tests.reliability.ledger import Ledger, control, drained, readiness
+from tests.reliability.ledger import Ledger, drained
 from worker.settings import WorkerSettings
 from worker.testing.simulator import ConnectSimulator
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 BOUND = WorkerSettings.model_fields["shutdown_timeout_seconds"].default
+STOP_TIMEOUT = BOUND + 30
 # What a test may add to the bound: the signal's delivery and the test's own polling.
 SLACK = 1.0
 BUDGETS = {
@@ -37,14 +34,6 @@ BUDGETS = {
 }
 
 
-async def stop(worker: WorkerProcess) -> tuple[int, float]:
-    """Send SIGTERM; return the exit code and the seconds it took to exit."""
-    signalled_at = time.monotonic()
-    worker.signal(signal.SIGTERM)
-    code = await worker.wait(timeout=BOUND + 30)
-    return code, time.monotonic() - signalled_at
-
-
 async def assert_nothing_lost(
     broker: Broker, simulator: ConnectSimulator, start_worker: StartWorker, ledger: Ledger
 ) -> None:
@@ -52,7 +41,7 @@ async def assert_nothing_lost(
     await control(simulator, "outage", {"seconds": 0})
     worker = await start_worker(**BUDGETS)
     await wait_until(lambda: drained(broker, ledger, simulator), timeout=60, every=0.25)
-    code, _ = await stop(worker)
+    code, _ = await worker.stop(STOP_TIMEOUT)
     assert code == 0
     await ledger.collect_dead_letters(broker)
     tally = ledger.tally(simulator)
@@ -74,8 +63,9 @@ async def test_sigterm_while_connect_hangs_exits_within_the_bound_and_loses_noth
     # When Connect stops answering (each call hangs for 100 s) and the worker gets SIGTERM
     # while its calls hang
     await control(simulator, "outage", {"seconds": 300, "stall": 100})
-    await asyncio.sleep(2.0)
-    code, took = await stop(worker)
+    before_the_stall = simulator.arrived
+    await wait_until(lambda: simulator.arrived > before_the_stall, timeout=10)
+    code, took = await worker.stop(STOP_TIMEOUT)
 
     # Then it exits 0 within the bound, having abandoned the calls it could not wait for
     print(f"\nexit {code} {took:.1f}s after SIGTERM, with Connect hanging (bound {BOUND:g}s)")
@@ -94,14 +84,14 @@ async def test_sigterm_while_the_outage_breaker_is_open_exits_at_once_and_loses_
     # Given a backlog, and a worker that paused because Connect fails every call
     ledger = Ledger()
     await ledger.publish_tokens(broker, 300, prefix="outage")
-    port = free_port()
-    worker = await start_worker(WORKER_HTTP_PORT=str(port), **BUDGETS)
+    worker = await start_worker(**BUDGETS)
+    port = worker.port
     await wait_until(lambda: len(simulator.received) >= 20, timeout=30)
     await control(simulator, "outage", {"seconds": 300, "code": "InternalServiceException"})
     await wait_until(lambda: _paused(port), timeout=10)
 
     # When it gets SIGTERM while the outage breaker holds every event
-    code, took = await stop(worker)
+    code, took = await worker.stop(STOP_TIMEOUT)
 
     # Then it exits 0 within a couple of seconds, not after the grace period: nothing that
     # waits for the breaker could be sent
@@ -125,7 +115,7 @@ async def test_a_replica_stopped_mid_traffic_hands_over_without_breaking_any_ord
 
     # When the active one gets SIGTERM in the middle of the traffic
     await wait_until(lambda: len(simulator.received) >= total // 3, timeout=60)
-    code, _ = await stop(active)
+    code, _ = await active.stop(STOP_TIMEOUT)
 
     # Then the standby delivers the rest, and every conversation's first deliveries are in
     # order: it took no partition over while the stopped one still held earlier events
@@ -133,7 +123,7 @@ async def test_a_replica_stopped_mid_traffic_hands_over_without_breaking_any_ord
     await wait_until(lambda: _every_turn_arrived(simulator), timeout=90)
     for turns in turns_by_conversation(simulator).values():
         assert first_deliveries(turns) == list(range(EVENTS))
-    code, _ = await stop(standby)
+    code, _ = await standby.stop(STOP_TIMEOUT)
     assert code == 0
 
 

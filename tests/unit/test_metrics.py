@@ -94,7 +94,7 @@ def test_gauges_show_what_was_set(metrics: Metrics) -> None:
 
 
 def test_defaults_before_the_worker_reports_anything(metrics: Metrics) -> None:
-    assert math.isnan(value(metrics, "chat_worker_send_rate"))  # unlimited
+    assert math.isnan(value(metrics, "chat_worker_send_rate"))  # not refreshed yet
     assert value(metrics, "chat_worker_ready") == 0.0
     assert value(metrics, "chat_worker_breaker_state", breaker="outage") == 0.0
     assert value(metrics, "chat_worker_api_calls_total", outcome="ok") == 0.0

@@ -145,9 +145,7 @@ async def _connect_endpoint(settings: WorkerSettings) -> tuple[str | None, str |
 
     try:
         async with ConnectClient(settings) as client:
-            # ConnectClient exposes no endpoint; its aiobotocore client knows the one resolved
-            # from AWS_ENDPOINT_URL_CONNECT, the config file or the Region.
-            return str(client._client.meta.endpoint_url), None
+            return client.endpoint_url, None
     except Exception as error:
         return None, f"cannot create the Connect client: {describe_error(error)}"
 

@@ -24,14 +24,22 @@ from worker.topology import declare_topology
 EXIT_USAGE = ExitCode.USAGE
 
 
+SETTING_FLAGS: dict[str, tuple[type, str]] = {
+    "amqp_url": (str, "broker URL (WORKER_AMQP_URL)"),
+    "queue": (str, "base name of exchanges and queues (WORKER_QUEUE)"),
+    "prefetch": (int, "unacked messages per replica"),
+    "http_port": (int, "health/metrics port"),
+    "log_level": (str, "DEBUG, INFO, WARNING, ERROR"),
+}
+"""The settings a flag overrides (`--amqp-url` for amqp_url...), with the flag's type and help."""
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """Add the flags that override settings (None when not given, so lower sources apply)."""
     parser.add_argument("--config", type=Path, help="TOML config file (default: WORKER_CONFIG)")
-    parser.add_argument("--amqp-url", dest="amqp_url", help="broker URL (WORKER_AMQP_URL)")
-    parser.add_argument("--queue", help="base name of exchanges and queues (WORKER_QUEUE)")
-    parser.add_argument("--prefetch", type=int, help="unacked messages per replica")
-    parser.add_argument("--http-port", dest="http_port", type=int, help="health/metrics port")
-    parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
+    for name, (kind, explanation) in SETTING_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, type=kind, help=explanation)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,14 +119,8 @@ def _add_simulator_flags(parser: argparse.ArgumentParser) -> None:
 
 def _settings_from(args: argparse.Namespace) -> WorkerSettings:
     """Load settings with the flags given on the command line."""
-    return load_settings(
-        config_file=args.config,
-        amqp_url=args.amqp_url,
-        queue=args.queue,
-        prefetch=args.prefetch,
-        http_port=args.http_port,
-        log_level=args.log_level,
-    )
+    flags = {name: getattr(args, name) for name in SETTING_FLAGS}
+    return load_settings(config_file=args.config, **flags)
 
 
 async def run_worker(settings: WorkerSettings) -> int:

@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -18,8 +17,14 @@ from worker.broker import connect_plain
 from worker.ops.publish import publish_bodies
 from worker.pipeline.errors import ErrorVariant
 from worker.settings import WorkerSettings
+from worker.testing.environment import simulated_worker_environment
 from worker.testing.simulator import ConnectSimulator, SimulatorConfig
-from worker.topology import declare_topology, delete_topology, work_queue_names
+from worker.topology import (
+    dead_letter_queue_name,
+    declare_topology,
+    delete_topology,
+    work_queue_names,
+)
 
 DRAIN_TIMEOUT_SECONDS = 90.0
 API_ERRORS = [
@@ -64,21 +69,15 @@ def sample_traffic() -> list[bytes]:
 
 def demo_environment(settings: WorkerSettings, base: str, endpoint: str) -> dict[str, str]:
     """Return the worker's environment: the simulator as Connect, short retry budgets."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "AWS_"))}
-    env.update(
-        WORKER_AMQP_URL=settings.amqp_url.get_secret_value(),
-        WORKER_QUEUE=base,
-        WORKER_HTTP_PORT="0",
+    return simulated_worker_environment(
+        settings.amqp_url.get_secret_value(),
+        base,
+        endpoint,
+        WORKER_PARTITIONS=str(settings.partitions),
         WORKER_THROTTLE_MAX_ATTEMPTS="4",
         WORKER_TRANSIENT_MAX_ATTEMPTS="4",
         WORKER_BACKOFF_MAX_SECONDS="0.5",
-        AWS_ENDPOINT_URL_CONNECT=endpoint,
-        AWS_ACCESS_KEY_ID="AKIDDEMO",
-        AWS_SECRET_ACCESS_KEY="demo-secret",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
     )
-    return env
 
 
 def demo_base_name(queue: str) -> str:
@@ -90,7 +89,7 @@ async def _dead_letter_counts(channel: AbstractChannel, base: str) -> dict[str, 
     """Count the messages in each dead-letter queue."""
     counts = {}
     for variant in ErrorVariant:
-        queue = await channel.declare_queue(f"{base}.dlq.{variant.value}", passive=True)
+        queue = await channel.declare_queue(dead_letter_queue_name(base, variant), passive=True)
         counts[variant.value] = queue.declaration_result.message_count or 0
     return counts
 

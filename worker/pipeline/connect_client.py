@@ -87,6 +87,17 @@ class ConnectClient:
     ) -> None:
         await self._stack.aclose()
 
+    @property
+    def endpoint_url(self) -> str:
+        """Return the URL the open client calls.
+
+        aiobotocore resolves it on opening: the `endpoint_url` given, else
+        AWS_ENDPOINT_URL_CONNECT or the AWS config file, else the Region's own.
+        """
+        if self._client is None:
+            raise RuntimeError("the Connect client is not open")
+        return str(self._client.meta.endpoint_url)
+
     async def send(self, event: ChatIntegrationEvent) -> dict[str, Any]:
         """Call SendChatIntegrationEvent once; return the parsed response."""
         try:

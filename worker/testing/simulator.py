@@ -57,7 +57,9 @@ Faults on demand:
   with CODE (e.g. simulate:ThrottlingException, simulate:SomeNewError:400).
 
 Control API (JSON over HTTP, under /_sim/):
-  GET    /_sim/stats     {"calls", "received", "by_outcome": {"ok": n, CODE: n}}
+  GET    /_sim/stats     {"arrived", "calls", "received", "by_outcome": {"ok": n, CODE: n}}:
+                         calls that arrived (counted before any latency or stall),
+                         were answered, were accepted
   GET    /_sim/received  the accepted calls, in arrival order, with their bodies
   GET    /_sim/calls     every call, accepted or not, with its status and code
   POST   /_sim/config    change rate, burst, latency_ms, latency_jitter_ms or error_rates
@@ -170,6 +172,7 @@ class ConnectSimulator:
         self._outage: _Outage | None = None
         self._open_chats: dict[tuple[Any, ...], str] = {}
         self._seq = 0
+        self._arrived = 0
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
 
@@ -179,6 +182,16 @@ class ConnectSimulator:
         if self._url is None:
             raise RuntimeError("simulator is not started")
         return self._url
+
+    @property
+    def arrived(self) -> int:
+        """Return how many calls have arrived since the start or the last reset.
+
+        A call counts the moment it arrives, before its latency, stall or outage: a test can
+        wait for a call to be on its way instead of sleeping, and `arrived - len(calls)` is the
+        number of calls still waiting for their answer.
+        """
+        return self._arrived
 
     def make_app(self) -> web.Application:
         """Build the aiohttp application with the Connect route and the control API.
@@ -221,6 +234,7 @@ class ConnectSimulator:
     async def _handle_event(self, request: web.Request) -> web.Response:
         """Answer one call: admit it, inject faults, wait, reply and record the outcome."""
         self._seq += 1
+        self._arrived += 1
         call: Json = {"seq": self._seq, "at": time.time(), "request_id": str(uuid.uuid4())}
         parsed = _parse_object(await request.read())
         body = parsed or {}
@@ -325,13 +339,14 @@ class ConnectSimulator:
 
     async def _get_stats(self, _: web.Request) -> web.Response:
         by_outcome = Counter(call["code"] or "ok" for call in self.calls)
-        stats = {"calls": len(self.calls), "received": len(self.received)}
+        stats = {"arrived": self._arrived, "calls": len(self.calls), "received": len(self.received)}
         return web.json_response({**stats, "by_outcome": dict(by_outcome)})
 
     async def _reset(self, _: web.Request) -> web.Response:
         """Forget records, rules, outage and chats; refill the bucket and reseed the dice."""
         self.received.clear()
         self.calls.clear()
+        self._arrived = 0
         self._rules.clear()
         self._outage = None
         self._open_chats.clear()
