@@ -2,6 +2,7 @@
 
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,13 @@ def prometheus_tool(name: str) -> str:
     if path is None:
         raise AssertionError(f"{name} is not installed: run .ci/ensure-prometheus (make test does)")
     return path
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run promtool and return what it did."""
+    return subprocess.run(
+        [prometheus_tool("promtool"), *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def alert_rules() -> list[dict[str, Any]]:
