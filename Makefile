@@ -33,8 +33,8 @@ lint: install
 	$(BIN)/mypy
 
 # Build the container image with podman, lint the Dockerfile, report its size, and run it as
-# uid 10001 until /healthz and the HEALTHCHECK pass. Slow (about 75 s the first time): not
-# part of `make test`.
+# uid 10001 until /healthz and the HEALTHCHECK pass. Slow (76 s the first time, then 21 s):
+# not part of `make test`.
 image: install
 	.ci/ensure-rabbitmq
 	scripts/build-image
