@@ -1,5 +1,8 @@
-"""Fixtures of tests/deploy: the integration suite's broker, simulator and worker process."""
+"""Fixtures of tests/deploy: the integration suite's broker and worker process.
 
-from tests.integration.conftest import broker, simulator, start_worker
+The simulator fixture is shared by every test (tests/conftest.py).
+"""
 
-__all__ = ["broker", "simulator", "start_worker"]
+from tests.integration.conftest import broker, start_worker
+
+__all__ = ["broker", "start_worker"]
