@@ -14,8 +14,7 @@ current task identifies it: the guard marks stages without being handed the mess
 import asyncio
 import enum
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -68,31 +67,19 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._held)
 
-    @contextmanager
-    def hold(self, queue: str, published_at: float | None) -> Iterator[Delivery]:
-        """Register the current task's delivery for as long as the block runs."""
+    def hold(self, queue: str, published_at: float | None) -> "Holding":
+        """Register the current task's delivery for as long as the `with` block runs."""
         task = asyncio.current_task()
         assert task is not None, "a delivery is carried by a task"
-        now = self._wall()
-        delivery = Delivery(queue, self._monotonic(), published_at or now)
-        self._held[task] = delivery
-        try:
-            yield delivery
-        finally:
-            self._held.pop(task, None)
+        delivery = Delivery(queue, self._monotonic(), published_at or self._wall())
+        return Holding(self._held, task, delivery)
 
-    @contextmanager
-    def stage(self, stage: Stage) -> Iterator[None]:
-        """Mark the current task's delivery as in `stage` for the block, then as it was."""
-        delivery = self._held.get(asyncio.current_task())  # type: ignore[arg-type]
-        if delivery is None:  # a call outside any delivery (a probe in a test)
-            yield
-            return
-        before, delivery.stage = delivery.stage, stage
-        try:
-            yield
-        finally:
-            delivery.stage = before
+    def stage(self, stage: Stage) -> "StageMark":
+        """Mark the current task's delivery as in `stage` for a `with` block, then as it was.
+
+        A call outside any delivery (a probe in a test) is marked nowhere.
+        """
+        return StageMark(self._held.get(asyncio.current_task()), stage)  # type: ignore[arg-type]
 
     def tasks(self, stages: frozenset[Stage] | None = None) -> set[asyncio.Task[object]]:
         """Return the tasks of the deliveries in the given stages (all when None)."""
@@ -110,3 +97,46 @@ class InFlight:
             return None
         oldest = min(held.published_at for held in self._held.values())
         return max(0.0, self._wall() - oldest)
+
+
+# Context managers as small classes rather than @contextmanager generators: every event goes
+# through several of them, and a generator-based one costs several times as much CPU.
+
+
+class Holding:
+    """The registration of one delivery, for the duration of a `with` block."""
+
+    __slots__ = ("_delivery", "_held", "_task")
+
+    def __init__(
+        self,
+        held: dict[asyncio.Task[object], Delivery],
+        task: asyncio.Task[object],
+        delivery: Delivery,
+    ) -> None:
+        self._held, self._task, self._delivery = held, task, delivery
+
+    def __enter__(self) -> Delivery:
+        self._held[self._task] = self._delivery
+        return self._delivery
+
+    def __exit__(self, *_: object) -> None:
+        self._held.pop(self._task, None)
+
+
+class StageMark:
+    """A delivery's stage for the duration of a `with` block."""
+
+    __slots__ = ("_before", "_delivery", "_stage")
+
+    def __init__(self, delivery: Delivery | None, stage: Stage) -> None:
+        self._delivery, self._stage = delivery, stage
+        self._before = stage
+
+    def __enter__(self) -> None:
+        if self._delivery is not None:
+            self._before, self._delivery.stage = self._delivery.stage, self._stage
+
+    def __exit__(self, *_: object) -> None:
+        if self._delivery is not None:
+            self._delivery.stage = self._before

@@ -8,8 +8,6 @@ delivered again. Conversations do not wait for each other.
 """
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 
 
@@ -38,6 +36,12 @@ class Turn:
         self._mine = mine
         self.outcome = Outcome.HANDED_BACK
         """How the turn ends unless the holder says otherwise: handed back is the safe side."""
+
+    def __enter__(self) -> "Turn":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.finish(self.outcome)
 
     async def wait(self) -> bool:
         """Wait until the previous event is done; return True if this one may go ahead."""
@@ -72,19 +76,14 @@ class ConversationLines:
     def __len__(self) -> int:
         return len(self._tails)
 
-    @contextmanager
-    def take_turn(self, key: str) -> Iterator[Turn]:
-        """Take the next turn of a conversation, and end it with `turn.outcome` on leaving.
+    def take_turn(self, key: str) -> Turn:
+        """Take the next turn of a conversation, to hold in a `with` block.
 
         Enter in arrival order, before the delivery's task first awaits; inside, `await
         turn.wait()` says whether the event may go, and the holder sets `turn.outcome` once it
         is settled. Leaving the block any other way (an error, a cancellation) hands it back.
         """
-        turn = self.enter(key)
-        try:
-            yield turn
-        finally:
-            turn.finish(turn.outcome)
+        return self.enter(key)
 
     def enter(self, key: str) -> Turn:
         """Take the next turn of a conversation; call it in arrival order, without awaiting."""
