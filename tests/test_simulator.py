@@ -243,6 +243,30 @@ async def test_outage_fails_every_call_then_recovers(
     assert (await _send(client))["NewChatCreated"] is True
 
 
+async def test_an_outage_after_accepted_calls_starts_mid_stream_with_its_code(
+    simulator: ConnectSimulator, client: Client
+) -> None:
+    # Given an outage of credentials that starts once two calls have been accepted
+    spec = {"seconds": 0.3, "code": "ExpiredTokenException", "status": 400, "after_accepted": 2}
+    await _control(simulator, "POST", "/_sim/outage", spec)
+
+    # When calls are made, then the first two are accepted, the next refused with the code
+    for _ in range(2):
+        assert (await _send(client))["NewChatCreated"] in (True, False)
+    with pytest.raises(ClientError) as caught:
+        await _send(client)
+    error = caught.value.response
+    assert (error["Error"]["Code"], error["ResponseMetadata"]["HTTPStatusCode"]) == (
+        "ExpiredTokenException",
+        400,
+    )
+
+    # And once its seconds have passed, calls are accepted again
+    await asyncio.sleep(0.35)
+    await _send(client)
+    assert len(simulator.received) == 3
+
+
 async def test_stall_outage_times_out_the_client_but_still_delivers(
     simulator: ConnectSimulator,
 ) -> None:

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from tenacity import wait_exponential
 
 from tests.unit.failures import client_error, internal_error, throttled
+from worker.pipeline.account import AccountVerdict
 from worker.pipeline.errors import (
     CallerRefusedError,
     ErrorVariant,
@@ -16,7 +17,6 @@ from worker.pipeline.errors import (
     TransientApiError,
     translate_error,
 )
-from worker.pipeline.guard import AccountVerdict
 from worker.pipeline.policy import (
     Action,
     Decision,
@@ -280,5 +280,5 @@ def test_no_decision_retries_past_its_budget_or_stops_a_held_event(
     budget = {"throttled": (5, 60.0), "transient": (3, 20.0)}.get(kind)
     if decision.action is Action.RETRY:
         assert budget is not None and charged < budget[0] and seconds < budget[1]
-    assert (decision.action is Action.HOLD) == (kind == "refused" and verdict is SUSPECT)
+    assert (decision.action is Action.HOLD) == (kind == "refused" and verdict is not ACCEPTED)
     assert 0.0 <= decision.wait <= 8.0

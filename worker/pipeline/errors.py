@@ -45,6 +45,7 @@ _MODELLED_CODES = frozenset(
 )
 
 # Codes that say the caller, not the event, is refused: wrong role, Region or credentials.
+# STS's own codes come as ClientErrors from a web-identity or container credentials refresh.
 CALLER_REFUSED_CODES = frozenset(
     {
         "AccessDeniedException",
@@ -52,6 +53,7 @@ CALLER_REFUSED_CODES = frozenset(
         "InvalidSignatureException",
         "SignatureDoesNotMatch",
         "IncompleteSignature",
+        "IncompleteSignatureException",
         "InvalidClientTokenId",
         "ExpiredTokenException",
         "ExpiredToken",
@@ -59,6 +61,13 @@ CALLER_REFUSED_CODES = frozenset(
         "NoCredentialsError",
         "PartialCredentialsError",
         "CredentialRetrievalError",
+        "RefreshWithMFAUnsupportedError",
+        "TokenRetrievalError",
+        "AccessDenied",
+        "InvalidIdentityToken",
+        "IDPRejectedClaim",
+        "IDPCommunicationError",
+        "RegionDisabledException",
     }
 )
 

@@ -75,7 +75,7 @@ class Sender:
         """Call again after a failure, as the policy decides, until accepted; else raise."""
         last: EventFailure | None = failure
         while last is not None:
-            decision = self._decide(last, attempts)
+            decision = await self._decide(last, attempts)
             if decision.action is Action.STOP:
                 raise last
             self._note_retry(last, decision, attempts, message)
@@ -92,10 +92,11 @@ class Sender:
             return failure
         return None
 
-    def _decide(self, failure: EventFailure, attempts: Attempts) -> Decision:
+    async def _decide(self, failure: EventFailure, attempts: Attempts) -> Decision:
         """Ask the policy what follows a failure; take a held call off the budget."""
+        verdict = await self._guard.account_verdict(failure, attempts)
         spent = Spent(attempts.calls, attempts.charged, attempts.budget_seconds())
-        decision = self._policy.decide(failure, spent, self._guard.account_verdict())
+        decision = self._policy.decide(failure, spent, verdict)
         if not decision.charged:
             attempts.forgive_last()
         return decision

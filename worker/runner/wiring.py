@@ -10,6 +10,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 
 from worker.broker import explained
 from worker.metrics import Metrics, api_outcome
+from worker.pipeline.account import AccountEvidence, EvidenceRules
 from worker.pipeline.breaker import Breaker
 from worker.pipeline.connect_client import ConnectClient
 from worker.pipeline.dedupe import DeliveredLedger, MemoryLedger, RedisLedger
@@ -61,8 +62,15 @@ def make_guard(
     return CallGuard(
         limiter,
         breaker("outage", s.outage_threshold),
-        breaker("account", s.account_threshold),
-        s.account_memory_seconds,
+        # The evidence decides when the account is refused: its breaker opens at its word.
+        breaker("account", 1),
+        AccountEvidence(
+            EvidenceRules(
+                streak=s.account_threshold,
+                memory_seconds=s.account_memory_seconds,
+                undecided_seconds=s.account_undecided_seconds,
+            )
+        ),
         CallObserver(on_answer, metrics.ambiguous_retries.inc),
         stages=inflight,
     )

@@ -67,7 +67,11 @@ Control API (JSON over HTTP, under /_sim/):
   POST   /_sim/outage    fail every call for a while: {"seconds": 10, "code":
                          "InternalServiceException", "status": 500}; or delay each answer
                          (a hung Connect): {"seconds": 60, "stall": 30} answers calls that
-                         arrive in the next 60 s after 30 s
+                         arrive in the next 60 s after 30 s. With "after_accepted": N, the
+                         outage starts mid-stream, once N calls in all have been accepted
+                         (since the start or the last reset), e.g. credentials revoked:
+                         {"seconds": 15, "code": "ExpiredTokenException", "status": 400,
+                         "after_accepted": 200}
   POST   /_sim/rules     fail matching calls: {"match": {"SourceId": "+1555..."}, "code":
                          "ThrottlingException", "times": 2} (omit times: always)
   DELETE /_sim/rules     remove every rule
@@ -125,11 +129,13 @@ class _Rule:
 
 @dataclass
 class _Outage:
-    """Fail (or stall) every call until the monotonic clock reaches `until`."""
+    """Fail (or stall) every call for `seconds`, from once `after_accepted` were accepted."""
 
-    until: float
+    seconds: float
     fault: _Fault | None
     stall: float
+    after_accepted: int = 0
+    until: float | None = None
 
 
 class _TokenBucket:
@@ -273,8 +279,14 @@ class ConnectSimulator:
         )
 
     def _active_outage(self) -> _Outage | None:
-        """Return the running outage, forgetting it once it is over."""
-        if self._outage is not None and time.monotonic() >= self._outage.until:
+        """Return the running outage, starting it when its time comes, ending it after."""
+        outage = self._outage
+        if outage is None or len(self.received) < outage.after_accepted:
+            return None
+        now = time.monotonic()
+        if outage.until is None:
+            outage.until = now + outage.seconds
+        if now >= outage.until:
             self._outage = None
         return self._outage
 
@@ -386,7 +398,9 @@ class ConnectSimulator:
         stall = float(spec.get("stall", 0.0))
         code = spec.get("code") or (None if stall else "InternalServiceException")
         fault = _fault(str(code), spec.get("status")) if code else None
-        self._outage = _Outage(time.monotonic() + float(spec["seconds"]), fault, stall)
+        after = int(spec.get("after_accepted", 0))
+        self._outage = _Outage(float(spec["seconds"]), fault, stall, after)
+        self._active_outage()  # one not waiting for accepted calls starts now
         return web.json_response({"ok": True})
 
 
