@@ -5,6 +5,7 @@ from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
@@ -184,6 +185,16 @@ def test_missing_credentials_refuse_the_caller() -> None:
     assert failure.code == "NoCredentialsError"
 
 
+def test_a_failed_container_credentials_refresh_refuses_the_caller() -> None:
+    # botocore raises this, not a ClientError, when the credentials endpoint fails
+    error = CredentialRetrievalError(provider="container-role", error_msg="non 200 response 500")
+
+    failure = translate_error(error)
+
+    assert type(failure) is CallerRefusedError
+    assert failure.code == "CredentialRetrievalError"
+
+
 @pytest.mark.parametrize(
     ("code", "status"),
     [
@@ -191,6 +202,15 @@ def test_missing_credentials_refuse_the_caller() -> None:
         ("InvalidSignatureException", 403),
         ("ExpiredTokenException", 400),
         ("MissingAuthenticationTokenException", 403),
+        ("IncompleteSignatureException", 400),  # rest-json spelling
+        ("IncompleteSignature", 400),  # query-protocol spelling
+        # STS, when a web-identity or assume-role refresh fails under the call
+        ("AccessDenied", 403),
+        ("ExpiredToken", 400),
+        ("InvalidIdentityToken", 400),
+        ("IDPRejectedClaim", 403),
+        ("IDPCommunicationError", 400),
+        ("RegionDisabledException", 403),
     ],
 )
 def test_codes_that_refuse_the_caller_are_caller_refusals_of_the_unknown_variant(
