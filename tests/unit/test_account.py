@@ -153,6 +153,21 @@ def test_an_accepted_call_ends_the_account_wide_verdict_and_its_evidence() -> No
     assert evidence.judge("forbidden", refused_at) is ACCEPTED
 
 
+def test_an_answer_sent_before_the_verdict_does_not_end_it() -> None:
+    # Given a call on its way when the account was judged refused
+    clock = FakeClock()
+    evidence = make_evidence(clock, streak=3)
+    sent_before = clock.now
+    clock.now += 0.01
+    trip(evidence, clock, "c1", "c2", "c3")
+
+    # When it is accepted afterwards, then the verdict stands; a call sent now ends it
+    assert not evidence.record_accepted("late", sent_before)
+    assert evidence.account_wide
+    assert evidence.record_accepted("probe", clock.now)
+    assert not evidence.account_wide
+
+
 def test_a_lone_refusal_in_a_quiet_stream_is_decided_after_the_bound() -> None:
     clock = FakeClock(1000.0)
     evidence = make_evidence(clock, undecided_seconds=5.0)

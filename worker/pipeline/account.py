@@ -12,8 +12,9 @@ client-side throttling judge by the share of failures over a window of recent re
   stream still decides);
 - undecided otherwise: the event is held, not charged.
 
-An accepted call ends an account-wide verdict and wipes the evidence before it: the account
-works again, and the refusals of the outage must not judge the calls that follow.
+An accepted call sent after the verdict ends it and wipes the evidence before it: the account
+works again, and the refusals of the outage must not judge the calls that follow. One sent
+before (an answer that was still on its way) says nothing about the account now.
 Pure: no I/O, no asyncio; the clock is injected.
 """
 
@@ -64,6 +65,7 @@ class AccountEvidence:
         self._latest: OrderedDict[str, _Answer] = OrderedDict()
         self._refused_in_a_row: set[str] = set()
         self._account_wide = False
+        self._judged_wide_at = -float("inf")
 
     @property
     def account_wide(self) -> bool:
@@ -75,17 +77,26 @@ class AccountEvidence:
         now = self._clock()
         self._remember(conversation, _Answer(refused=True, at=now))
         self._refused_in_a_row.add(conversation)
-        self._account_wide = self._account_wide or self._looks_account_wide(now)
+        if not self._account_wide and self._looks_account_wide(now):
+            self._account_wide = True
+            self._judged_wide_at = now
         return now
 
-    def record_accepted(self, conversation: str, sent_at: float) -> None:
-        """Note a call, sent at `sent_at`, that got past authentication."""
+    def record_accepted(self, conversation: str, sent_at: float) -> bool:
+        """Note a call, sent at `sent_at`, that got past authentication.
+
+        Return False when it cannot end an account-wide verdict: it was sent before it.
+        """
         if self._account_wide:
+            if sent_at < self._judged_wide_at:
+                self._remember(conversation, _Answer(refused=False, at=sent_at))
+                return False
             # The account works again: the outage's refusals must not judge what follows.
             self._latest.clear()
             self._account_wide = False
         self._refused_in_a_row.clear()
         self._remember(conversation, _Answer(refused=False, at=sent_at))
+        return True
 
     def judge(self, conversation: str, refused_at: float) -> AccountVerdict:
         """Judge the refusal of `conversation` answered at `refused_at`, on today's evidence."""

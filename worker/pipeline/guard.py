@@ -294,9 +294,12 @@ class CallGuard:
         self.outage.record_success()
 
     def _note_authenticated(self, conversation: str, sent: float) -> None:
-        """Note that a call sent at `sent` got past authentication: the account works."""
-        self.evidence.record_accepted(conversation, sent)
-        self.account.record_success()
+        """Note that a call sent at `sent` got past authentication: the account works.
+
+        An answer to a call sent before the account was judged refused closes nothing.
+        """
+        if self.evidence.record_accepted(conversation, sent):
+            self.account.record_success()
 
     def _abandon(self, outage_probe: bool, account_probe: bool) -> None:
         """Free the probe slot of a call that ended without an answer (cancelled)."""
