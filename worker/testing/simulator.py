@@ -396,9 +396,7 @@ class ConnectSimulator:
     async def _add_rule(self, request: web.Request) -> web.Response:
         """Append a rule: answer `code` to matching calls `times` times, or always."""
         spec = await request.json()
-        times = None if spec.get("times") is None else int(spec["times"])
-        if times is not None and times < 1:
-            raise ValueError("times must be at least 1 (omit it for always)")
+        times = _times(spec)
         fault = _fault(str(spec["code"]), spec.get("status"), spec.get("message"))
         self._rules.append(_Rule(dict(spec.get("match", {})), fault, times))
         return web.json_response({"rules": len(self._rules)})
@@ -410,9 +408,7 @@ class ConnectSimulator:
     async def _add_odd_answer(self, request: web.Request) -> web.Response:
         """Append an odd 200 answer for matching calls, `times` times or always."""
         spec = await request.json()
-        times = None if spec.get("times") is None else int(spec["times"])
-        if times is not None and times < 1:
-            raise ValueError("times must be at least 1 (omit it for always)")
+        times = _times(spec)
         body = spec.get("body")
         if body is not None and not isinstance(body, str):
             raise ValueError("body is the raw answer text: a string")
@@ -445,6 +441,14 @@ async def _control_errors_as_400(
         return await handler(request)
     except (ValueError, TypeError, KeyError) as exc:
         return web.json_response({"message": f"bad request: {exc!r}"}, status=400)
+
+
+def _times(spec: Json) -> int | None:
+    """Read how many calls a control rule applies to: a positive count, or None for always."""
+    times = None if spec.get("times") is None else int(spec["times"])
+    if times is not None and times < 1:
+        raise ValueError("times must be at least 1 (omit it for always)")
+    return times
 
 
 def _parse_object(raw: bytes) -> Json | None:
