@@ -16,6 +16,7 @@ from botocore.exceptions import ReadTimeoutError
 
 from tests.unit.failures import access_denied, internal_error, invalid_request, throttled
 from tests.unit.fake_clock import FakeClock
+from worker.pipeline.accepted import Accepted
 from worker.pipeline.account import AccountEvidence, AccountVerdict, EvidenceRules
 from worker.pipeline.breaker import Breaker, BreakerState
 from worker.pipeline.errors import (
@@ -454,3 +455,47 @@ async def test_a_probe_cancelled_before_it_is_sent_frees_the_probe_slot() -> Non
     state_after: BreakerState = guard.outage.state
     assert state_after is BreakerState.OPEN  # actual: PROBING
     assert await asyncio.wait_for(guard.outage.admit(), 0.1) is True  # actual: waits forever
+
+
+# --- the endpoint tripwire: 2xx answers that are not Connect's ------------------------------
+
+
+def accepting(answer: Accepted) -> Callable[[], Awaitable[Accepted]]:
+    """Return a send that answers 2xx with `answer`."""
+
+    async def send() -> Accepted:
+        return answer
+
+    return send
+
+
+FINE = Accepted("r-1", "c-1", new_chat=True)
+ODD = Accepted("r-2", odd_body="list")
+
+
+async def test_a_2xx_without_request_id_trips_the_endpoint_tripwire_at_once() -> None:
+    guard = make_guard()
+
+    answer = await guard.call(accepting(Accepted(None, "c-1")), Attempts())
+
+    assert answer.contact_id == "c-1"  # delivered all the same
+    assert guard.endpoint.reason is not None
+    assert "x-amzn-RequestId" in guard.endpoint.reason
+    with pytest.raises(TimeoutError):  # and no call goes any more
+        await asyncio.wait_for(guard.call(accepting(FINE), Attempts()), 0.05)
+
+
+async def test_odd_bodies_trip_the_tripwire_only_when_they_come_in_a_row() -> None:
+    guard = make_guard()
+    for _ in range(4):
+        await guard.call(accepting(ODD), Attempts())
+    await guard.call(accepting(FINE), Attempts())
+    for _ in range(4):
+        await guard.call(accepting(ODD), Attempts())
+    assert guard.endpoint.closed
+
+    await guard.call(accepting(ODD), Attempts())
+
+    assert guard.endpoint.reason == (
+        "5 answers in a row were 2xx with a body that is not Connect's output shape (last: list)"
+    )

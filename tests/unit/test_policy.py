@@ -148,11 +148,11 @@ def test_a_refusal_of_the_caller_is_held_only_while_the_account_looks_refused(
         ("AccessDeniedException", 503, FailureKind.TRANSIENT),
         ("ServiceUnavailableException", 503, FailureKind.TRANSIENT),
         ("AccessDeniedException", 403, FailureKind.HELD),
-        ("ThrottlingException", 400, FailureKind.PERMANENT),
+        ("ThrottlingException", 400, FailureKind.THROTTLED),
         ("InvalidRequestException", 400, FailureKind.PERMANENT),
     ],
 )
-def test_connects_status_decides_the_kind_whatever_the_code(
+def test_a_known_code_else_the_status_decides_the_kind(
     code: str, status: int, kind: FailureKind
 ) -> None:
     # Seen by an account that looks refused everywhere, so that a refusal shows as held.

@@ -17,6 +17,7 @@ from tests.unit.failures import access_denied, internal_error, throttled
 from tests.unit.fake_clock import FakeClock
 from worker.metrics import Metrics
 from worker.models import ChatIntegrationEvent
+from worker.pipeline.accepted import Accepted
 from worker.pipeline.account import AccountEvidence, EvidenceRules
 from worker.pipeline.breaker import Breaker
 from worker.pipeline.errors import (
@@ -55,14 +56,14 @@ class ScriptedClient:
     answer: asyncio.Event | None = None
     on_call: Callable[[], None] = lambda: None
 
-    async def send(self, event: ChatIntegrationEvent) -> dict[str, Any]:
+    async def send(self, event: ChatIntegrationEvent) -> Accepted:
         self.calls += 1
         self.on_call()
         if self.answer is not None:
             await self.answer.wait()
         if self.failures:
             raise self.failures.pop(0)
-        return {"NewChatCreated": False}
+        return Accepted("request-id", "contact-1", new_chat=False)
 
 
 @dataclass

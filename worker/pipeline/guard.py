@@ -1,7 +1,8 @@
-"""Decide when a call to Connect may go: the rate limiter and the two breakers, in one place.
+"""Decide when a call to Connect may go: the rate limiter and the breakers, in one place.
 
-Every attempt passes the outage breaker (Connect down), the account breaker (the caller is
-refused everywhere), then the rate limiter. Each answer is reported back to all three. Time a
+Every attempt passes the endpoint tripwire (not Connect answering), the outage breaker
+(Connect down), the account breaker (the caller is refused everywhere), then the rate
+limiter. Each answer is reported back to all of them. Time a
 call spends waiting here is not charged to its message's retry budget, and neither are probes.
 
 The guard reports what it knows and decides nothing about the event: whether a refusal of the
@@ -24,8 +25,9 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
 
+from worker.pipeline.accepted import Accepted
 from worker.pipeline.account import AccountEvidence, AccountVerdict
-from worker.pipeline.breaker import Breaker
+from worker.pipeline.breaker import Breaker, Tripwire
 from worker.pipeline.errors import (
     CallerRefusedError,
     EventFailure,
@@ -112,8 +114,10 @@ class CallGuard:
         observer: CallObserver | None = None,
         stages: InFlight | None = None,
         clock: Callable[[], float] = time.monotonic,
+        endpoint: Tripwire | None = None,
     ) -> None:
         self.limiter = limiter
+        self.endpoint = endpoint or Tripwire("endpoint", threshold=5)
         self.outage = outage
         self.account = account
         self.evidence = evidence
@@ -162,6 +166,7 @@ class CallGuard:
         try:
             self._refuse_if_closed()
             with self._stages.stage(Stage.GUARD):
+                await self.endpoint.admit()
                 outage_probe = await self.outage.admit()
                 account_probe = await self._admit_account(attempts.conversation)
                 sent_at = await self.limiter.acquire()
@@ -183,6 +188,8 @@ class CallGuard:
         finally:
             self._wake_waiters()
         self._observer.on_answer("ok", self._clock() - sent)
+        if isinstance(result, Accepted):
+            self._judge_endpoint(result)
         self._learn_accepted(attempts.conversation, sent)
         self.limiter.on_success()
         attempts.record_answer(probe=outage_probe or account_probe)
@@ -287,6 +294,19 @@ class CallGuard:
             self._last_refused_probe = attempts.conversation
         if self.evidence.account_wide:
             self.account.record_failure(account_probe)
+
+    def _judge_endpoint(self, accepted: Accepted) -> None:
+        """Tell the tripwire whether a 2xx reads as Connect's: request id, output shape."""
+        if accepted.request_id is None:
+            self.endpoint.trip(
+                "a 2xx answer without x-amzn-RequestId: not Connect's (wrong endpoint?)"
+            )
+        elif accepted.odd_body is not None:
+            self.endpoint.record_odd(
+                f"2xx with a body that is not Connect's output shape (last: {accepted.odd_body})"
+            )
+        else:
+            self.endpoint.record_fine()
 
     def _learn_accepted(self, conversation: str, sent: float) -> None:
         """Note that Connect answered this caller: up, and the account accepted."""

@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from worker.broker import explained
 from worker.metrics import Metrics, api_outcome
 from worker.pipeline.account import AccountEvidence, EvidenceRules
-from worker.pipeline.breaker import Breaker
+from worker.pipeline.breaker import Breaker, BreakerState, Tripwire
 from worker.pipeline.connect_client import ConnectClient
 from worker.pipeline.dedupe import DeliveredLedger, MemoryLedger, RedisLedger
 from worker.pipeline.guard import CallGuard, CallObserver
@@ -54,6 +54,11 @@ def make_guard(
     def breaker(name: str, threshold: int) -> Breaker:
         return Breaker(name, threshold, s.probe_seconds, s.probe_max_seconds, on_change)
 
+    def on_trip(tripwire: Tripwire) -> None:
+        """Export and log, loudly, that calls stopped for good, and why."""
+        metrics.breaker_state.labels(breaker=tripwire.name).set(BreakerState.OPEN)
+        log.error("breaker.tripped", breaker=tripwire.name, reason=tripwire.reason)
+
     def on_answer(outcome: str, seconds: float) -> None:
         code = None if outcome == "ok" else outcome
         metrics.api_calls.labels(outcome=api_outcome(code)).inc()
@@ -73,6 +78,7 @@ def make_guard(
         ),
         CallObserver(on_answer, metrics.ambiguous_retries.inc),
         stages=inflight,
+        endpoint=Tripwire("endpoint", s.endpoint_odd_answers, on_trip),
     )
 
 
