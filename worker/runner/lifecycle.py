@@ -132,12 +132,13 @@ class Worker:
 
     async def _wire(self, connection: AbstractRobustConnection, client: ConnectClient) -> None:
         """Declare the topology and build the handler that every delivery goes through."""
-        self._topology_channel, exchange = await declare_for_dead_letters(self.settings, connection)
+        self._topology_channel, topology = await declare_for_dead_letters(self.settings, connection)
+        self.partitions.work_arguments = topology.work_arguments
         self._handler = make_handler(
             self.settings,
             client=client,
             guard=self.guard,
-            dead_letter_exchange=exchange,
+            dead_letter_exchange=topology.dead_letter_exchange,
             inflight=self.inflight,
             metrics=self.metrics,
             ledger=self._ledger,

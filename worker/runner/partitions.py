@@ -25,9 +25,15 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
+from pamqp.common import FieldTable
 
 from worker.settings import WorkerSettings
-from worker.topology import PARTITION, declare_topology, leader_lock_name, work_queue_names
+from worker.topology import (
+    declare_topology,
+    leader_lock_name,
+    work_queue_arguments,
+    work_queue_names,
+)
 
 STANDBY_DELAY_SECONDS = 2.0
 SPREAD_PAUSE_SECONDS = (0.1, 0.3)
@@ -43,6 +49,10 @@ class Partitions:
         self._on_message = on_message
         self._log = log
         self.names = work_queue_names(settings.queue, settings.partitions)
+        # As declared with the topology: an older version's queues keep their arguments.
+        self.work_arguments: dict[str, FieldTable] = {
+            name: work_queue_arguments(settings.queue) for name in self.names
+        }
         self.channel: AbstractChannel | None = None
         self._lock_channel: AbstractChannel | None = None
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
@@ -120,7 +130,7 @@ class Partitions:
         """Consume one partition queue."""
         # Declared (same arguments, so idempotent) rather than looked up: the robust channel
         # only restores consumers of queues it declared itself, after a reconnect.
-        queue = await channel.declare_queue(name, durable=True, arguments=PARTITION)
+        queue = await channel.declare_queue(name, durable=True, arguments=self.work_arguments[name])
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             await self._on_message(message, name)

@@ -20,7 +20,7 @@ from worker.pipeline.policy import RetryPolicy
 from worker.pipeline.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 from worker.pipeline.settlement import Settler
 from worker.settings import WorkerSettings
-from worker.topology import declare_topology
+from worker.topology import Topology, declare_topology
 
 
 def make_ledger(settings: WorkerSettings) -> DeliveredLedger | None:
@@ -70,7 +70,7 @@ def make_guard(
 
 async def declare_for_dead_letters(
     settings: WorkerSettings, connection: AbstractRobustConnection
-) -> tuple[AbstractChannel, AbstractExchange]:
+) -> tuple[AbstractChannel, Topology]:
     """Declare the topology on a channel of its own, for dead letters; return both.
 
     Dead letters get their own channel: a failed publish must not close the consumer's.
@@ -78,7 +78,7 @@ async def declare_for_dead_letters(
     with explained(settings):
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         topology = await declare_topology(channel, settings.queue, settings.partitions)
-    return channel, topology.dead_letter_exchange
+    return channel, topology
 
 
 def make_handler(
