@@ -62,7 +62,10 @@ class Worker:
         self.log = get_logger(worker_id=settings.worker_id, queue=settings.queue)
         self.inflight = InFlight()
         self.partitions = Partitions(settings, self._on_message, self.log)
-        self.guard = make_guard(settings, self.metrics, self.inflight, self.log)
+        self.guard = make_guard(
+            settings, self.metrics, self.inflight, self.log, on_accepted=self._note_connect_up
+        )
+        self._connect_known_up = False
         self._ledger = make_ledger(settings)
         self._endpoint_url = endpoint_url
         self._stop = asyncio.Event()
@@ -70,6 +73,14 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._topology_channel: AbstractChannel | None = None
         self._handler: MessageHandler | None = None
+
+    def _note_connect_up(self) -> None:
+        """Remember that Connect accepted a call since the start."""
+        self._connect_known_up = True
+
+    def _wants_cautious_prefetch(self) -> bool:
+        """Return True while Connect is known down, or not yet known up since the start."""
+        return not (self._connect_known_up and self.guard.outage.closed)
 
     @property
     def stopping(self) -> bool:
@@ -240,6 +251,8 @@ class Worker:
                 await self._refresh_gauges(stats)
                 if self.inflight.longest_hold() > self.settings.max_hold_seconds:
                     await self._hand_back_everything(connection)
+                elif self._wants_cautious_prefetch() != self.partitions.cautious:
+                    await self._change_prefetch(connection)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a broker hiccup must not end the watch
@@ -262,6 +275,23 @@ class Worker:
         try:
             await self._cancel_in_flight()
             await self.partitions.return_all(connection)
+        finally:
+            self.inflight.returning_all = False
+
+    async def _change_prefetch(self, connection: AbstractRobustConnection) -> None:
+        """Consume afresh with the prefetch that fits what is known of Connect.
+
+        Each delivery held while Connect is down is handed back at a restart, and quorum
+        queues count every such return (RabbitMQ 4.0-4.2 drop a message at 20 by default):
+        few are held then. Changing the prefetch means consuming afresh; calls on the wire
+        finish first, since cancelling one could send its event twice.
+        """
+        cautious = self._wants_cautious_prefetch()
+        self.log.info("worker.prefetch_changed", cautious=cautious, held=len(self.inflight))
+        self.inflight.returning_all = True
+        try:
+            await self._hand_back_unsent(self.inflight.tasks())
+            await self.partitions.return_all(connection, cautious)
         finally:
             self.inflight.returning_all = False
 

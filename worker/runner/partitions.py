@@ -36,6 +36,9 @@ from worker.topology import (
 )
 
 STANDBY_DELAY_SECONDS = 2.0
+# Deliveries per partition while Connect is known down, or not yet known up: each one held
+# is handed back at a restart, and quorum queues count that towards their delivery limit.
+CAUTIOUS_PREFETCH = 1
 SPREAD_PAUSE_SECONDS = (0.1, 0.3)
 
 OnMessage = Callable[[AbstractIncomingMessage, str], Awaitable[None]]
@@ -57,16 +60,24 @@ class Partitions:
         self._lock_channel: AbstractChannel | None = None
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self.cancelled_by_broker: set[str] = set()
+        self.cautious = True
 
     def consuming(self) -> bool:
         """Return True while the channel is open and every partition has its consumer."""
         return bool(self._consumers) and self.channel is not None and not self.channel.is_closed
 
+    def prefetch_per_partition(self) -> int:
+        """Return the deliveries each partition's consumer may hold (see `cautious`)."""
+        if self.cautious:
+            return CAUTIOUS_PREFETCH
+        return max(1, math.ceil(self._settings.prefetch / self._settings.partitions))
+
     async def consume(self, connection: AbstractRobustConnection) -> None:
         """Subscribe to every partition, as the active consumer or as a standby."""
         channel = await connection.channel()
-        per_partition = max(1, math.ceil(self._settings.prefetch / self._settings.partitions))
-        await channel.set_qos(prefetch_count=per_partition)
+        # Per consumer, and only for consumers created after it: changing it means consuming
+        # afresh (`return_all`).
+        await channel.set_qos(prefetch_count=self.prefetch_per_partition())
         self.channel = channel
         names = list(self.names)
         if self._settings.spread_partitions:
@@ -78,8 +89,12 @@ class Partitions:
         for name in names:
             await self._subscribe(channel, name)
 
-    async def return_all(self, connection: AbstractRobustConnection) -> None:
+    async def return_all(
+        self, connection: AbstractRobustConnection, cautious: bool | None = None
+    ) -> None:
         """Hand every unacked delivery back by closing the channel, then consume afresh.
+
+        With `cautious` given, the new subscriptions take its prefetch.
 
         Closing the channel requeues its unacked deliveries together, which keeps each
         conversation's order; nacking them one by one, while later ones wait, would not.
@@ -88,6 +103,8 @@ class Partitions:
             await self.channel.close()
         self._consumers.clear()
         self.cancelled_by_broker.clear()
+        if cautious is not None:
+            self.cautious = cautious
         await self.consume(connection)
 
     async def _take_leader_lock(self, connection: AbstractRobustConnection) -> bool:

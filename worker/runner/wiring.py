@@ -4,6 +4,7 @@ Nothing here decides anything about a message: it only connects the pieces that 
 `worker.pipeline`), so that the lifecycle can hold one handler and one guard.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
@@ -34,9 +35,16 @@ def make_ledger(settings: WorkerSettings) -> DeliveredLedger | None:
 
 
 def make_guard(
-    settings: WorkerSettings, metrics: Metrics, inflight: InFlight, log: Any
+    settings: WorkerSettings,
+    metrics: Metrics,
+    inflight: InFlight,
+    log: Any,
+    on_accepted: Callable[[], None] = lambda: None,
 ) -> CallGuard:
-    """Build the rate limiter and breakers, reporting into metrics and logs."""
+    """Build the rate limiter and breakers, reporting into metrics and logs.
+
+    `on_accepted` hears every call Connect accepted: the lifecycle learns that Connect is up.
+    """
     s = settings
     limiter = AdaptiveRateLimiter(
         RateLimitConfig(initial_rate=s.rate_initial, min_rate=s.rate_min, max_rate=s.rate_max)
@@ -55,6 +63,8 @@ def make_guard(
 
     def on_answer(outcome: str, seconds: float) -> None:
         code = None if outcome == "ok" else outcome
+        if code is None:
+            on_accepted()
         metrics.api_calls.labels(outcome=api_outcome(code)).inc()
         metrics.api_latency.observe(seconds)
 
