@@ -163,6 +163,30 @@ async def deliver_the_rest(broker: Broker, simulator: ConnectSimulator, ledger: 
     await wait_until(lambda: drained(broker, ledger, simulator), timeout=30)
 
 
+async def test_the_full_prefetch_comes_once_connect_accepts_and_goes_when_it_fails(
+    broker: Broker, simulator: ConnectSimulator
+) -> None:
+    # Given a worker started with a backlog and Connect up
+    ledger = Ledger()
+    await ledger.publish_tokens(broker, 40, prefix="prefetch")
+    worker = Worker(settings_for(broker, **PATIENT), endpoint_url=simulator.url)
+    task = asyncio.create_task(worker.run())
+    try:
+        # When Connect has accepted calls, it consumes with the full prefetch
+        assert worker.partitions.prefetch_per_partition() == 1
+        await wait_until(lambda: not worker.partitions.cautious, timeout=30)
+        assert worker.partitions.prefetch_per_partition() == 64 // broker.partitions
+        # And once Connect fails and the outage breaker opens, with one per partition again
+        await control(simulator, "outage", OUTAGE)
+        await ledger.publish_tokens(broker, 40, prefix="later")
+        await wait_until(lambda: worker.partitions.cautious, timeout=30)
+        await wait_until(lambda: _holding(worker, broker.partitions), timeout=30)
+        assert len(worker.inflight) == broker.partitions
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 60)
+
+
 async def restart_then_deliver(
     broker: Broker, simulator: ConnectSimulator, ledger: Ledger, restarts: int
 ) -> Tally:
