@@ -78,21 +78,6 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def format_age(seconds: float) -> str:
-    """Format an age compactly with its two largest units: `45s`, `12m 03s`, `2d 04h`."""
-    whole = max(0, int(seconds))
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours:02d}h"
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
 # C0 and C1 controls (ESC and CSI start ANSI sequences), DEL, and the bidi controls that
 # reorder what a terminal shows.
 _UNSAFE_FOR_TERMINAL = re.compile(
