@@ -79,8 +79,13 @@ class Worker:
         self._connect_known_up = True
 
     def _wants_cautious_prefetch(self) -> bool:
-        """Return True while Connect is known down, or not yet known up since the start."""
-        return not (self._connect_known_up and self.guard.outage.closed)
+        """Return True while Connect is known down or refusing the account, or not yet known up.
+
+        Events then wait, held, for as long as it lasts; each held one is handed back at a
+        restart, and a quorum queue counts that return.
+        """
+        guard = self.guard
+        return not (self._connect_known_up and guard.outage.closed and guard.account.closed)
 
     @property
     def stopping(self) -> bool:
@@ -286,14 +291,23 @@ class Worker:
         few are held then. Changing the prefetch means consuming afresh; calls on the wire
         finish first, since cancelling one could send its event twice.
         """
-        cautious = self._wants_cautious_prefetch()
-        self.log.info("worker.prefetch_changed", cautious=cautious, held=len(self.inflight))
+        self.partitions.cautious = self._wants_cautious_prefetch()
+        self.log.info(
+            "worker.prefetch_changed", cautious=self.partitions.cautious, held=len(self.inflight)
+        )
+        # No call goes out meanwhile, so none is cut on the wire and every event not yet sent
+        # goes back, in order, with the channel. Both are undone before consuming afresh: a
+        # delivery on the new channel must be sent, or handed back by a nack of its own.
+        self.guard.close()
         self.inflight.returning_all = True
         try:
             await self._hand_back_unsent(self.inflight.tasks())
-            await self.partitions.return_all(connection, cautious)
+            await self.partitions.release()
+            await self._cancel_in_flight()
         finally:
             self.inflight.returning_all = False
+            self.guard.reopen()
+        await self.partitions.consume(connection)
 
     async def _cancel_in_flight(self) -> int:
         """Cancel every handler task; none of them acks after this."""

@@ -89,23 +89,21 @@ class Partitions:
         for name in names:
             await self._subscribe(channel, name)
 
-    async def return_all(
-        self, connection: AbstractRobustConnection, cautious: bool | None = None
-    ) -> None:
+    async def return_all(self, connection: AbstractRobustConnection) -> None:
         """Hand every unacked delivery back by closing the channel, then consume afresh.
-
-        With `cautious` given, the new subscriptions take its prefetch.
 
         Closing the channel requeues its unacked deliveries together, which keeps each
         conversation's order; nacking them one by one, while later ones wait, would not.
         """
+        await self.release()
+        await self.consume(connection)
+
+    async def release(self) -> None:
+        """Close the consumers' channel: every unacked delivery goes back, in order."""
         if self.channel is not None:
             await self.channel.close()
         self._consumers.clear()
         self.cancelled_by_broker.clear()
-        if cautious is not None:
-            self.cautious = cautious
-        await self.consume(connection)
 
     async def _take_leader_lock(self, connection: AbstractRobustConnection) -> bool:
         """Try to hold the leader lock: an exclusive queue, gone with its connection.
