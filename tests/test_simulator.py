@@ -151,6 +151,70 @@ async def test_missing_required_field_is_invalid_request(simulator: ConnectSimul
     assert "DestinationId, Event.Type" in caught.value.response["Error"]["Message"]
 
 
+@pytest.mark.parametrize(
+    "attributes",
+    [{"bad key": "v"}, {"tier.1": "v"}, {"kk": "a" * 32767}, {"a": "é" * 16384}],
+)
+async def test_attributes_against_the_documented_rules_are_invalid_request(
+    client: Client, attributes: dict[str, str]
+) -> None:
+    with pytest.raises(ClientError) as caught:
+        await client.send_chat_integration_event(
+            SourceId="+15550001",
+            DestinationId="dest-1",
+            Event={"Type": "DISCONNECT"},
+            NewSessionDetails={"Attributes": attributes},
+        )
+
+    assert caught.value.response["Error"]["Code"] == "InvalidRequestException"
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+
+
+async def test_attributes_of_exactly_32768_bytes_with_dash_and_underscore_keys_pass(
+    client: Client,
+) -> None:
+    attributes = {"tier_1-x": "a" * (32768 - 8)}
+
+    result = await client.send_chat_integration_event(
+        SourceId="+15550001",
+        DestinationId="dest-1",
+        Event={"Type": "DISCONNECT"},
+        NewSessionDetails={"Attributes": attributes},
+    )
+
+    assert result["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+# What the simulator checks of a signature: its form only.
+_SIGNED = {
+    "Authorization": "AWS4-HMAC-SHA256 Credential=AKID/20260101/us-east-1/connect/aws4_request, "
+    "SignedHeaders=host;x-amz-date, Signature=" + "0" * 64,
+    "X-Amz-Date": "20260101T000000Z",
+}
+
+
+async def test_odd_answers_replace_the_200_body_and_can_drop_the_request_id(
+    simulator: ConnectSimulator,
+) -> None:
+    await _control(simulator, "POST", "/_sim/answers", {"body": "[1,2,3]", "times": 1})
+    await _control(simulator, "POST", "/_sim/answers", {"request_id": False, "times": 1})
+    event = {"SourceId": "s", "DestinationId": "d", "Event": {"Type": "DISCONNECT"}}
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3):
+            url = simulator.url + "/chat-integration-event"
+            async with http.post(url, json=event, headers=_SIGNED) as response:
+                answers.append((response.status, await response.text(), response.headers))
+
+    assert [(status, text) for status, text, _ in answers[:1]] == [(200, "[1,2,3]")]
+    assert "x-amzn-RequestId" in answers[0][2]
+    assert answers[1][0] == 200
+    assert "x-amzn-RequestId" not in answers[1][2]
+    assert "x-amzn-RequestId" in answers[2][2]  # used up: the usual answer again
+    assert '"NewChatCreated"' in answers[2][1]
+    assert len(simulator.received) == 3  # all three were accepted
+
+
 async def test_unsigned_request_is_refused(simulator: ConnectSimulator) -> None:
     body = {"SourceId": "s", "DestinationId": "d", "Event": {"Type": "EVENT"}}
     async with (
@@ -241,6 +305,30 @@ async def test_outage_fails_every_call_then_recovers(
 
     await asyncio.sleep(0.25)
     assert (await _send(client))["NewChatCreated"] is True
+
+
+async def test_an_outage_after_accepted_calls_starts_mid_stream_with_its_code(
+    simulator: ConnectSimulator, client: Client
+) -> None:
+    # Given an outage of credentials that starts once two calls have been accepted
+    spec = {"seconds": 0.3, "code": "ExpiredTokenException", "status": 400, "after_accepted": 2}
+    await _control(simulator, "POST", "/_sim/outage", spec)
+
+    # When calls are made, then the first two are accepted, the next refused with the code
+    for _ in range(2):
+        assert (await _send(client))["NewChatCreated"] in (True, False)
+    with pytest.raises(ClientError) as caught:
+        await _send(client)
+    error = caught.value.response
+    assert (error["Error"]["Code"], error["ResponseMetadata"]["HTTPStatusCode"]) == (
+        "ExpiredTokenException",
+        400,
+    )
+
+    # And once its seconds have passed, calls are accepted again
+    await asyncio.sleep(0.35)
+    await _send(client)
+    assert len(simulator.received) == 3
 
 
 async def test_stall_outage_times_out_the_client_but_still_delivers(

@@ -57,8 +57,9 @@ TRANSPORT_ERRORS: Final = frozenset(
 RETRY_REASONS: Final = ("throttled", "transient")
 """The `reason` label values of `retries`."""
 
-BREAKERS: Final = ("outage", "account")
-"""The `breaker` label values: the service-outage breaker and the account-wide-error one.
+BREAKERS: Final = ("outage", "account", "endpoint")
+"""The `breaker` label values: the service-outage breaker, the account-wide-error one, and the
+wrong-endpoint tripwire (open for good once tripped: 2xx answers that are not Connect's).
 
 `breaker_state` takes the value of `worker.pipeline.breaker.BreakerState`: 0 closed, 1 open,
 2 probing. A numeric gauge rather than an `Enum` metric: one series per breaker, `> 0`
@@ -122,6 +123,9 @@ class Metrics:
         """Define the counters of what happened to deliveries."""
         self.consumed = self._counter("consumed", "Deliveries taken from RabbitMQ.")
         self.delivered = self._counter("delivered", "Events Amazon Connect accepted.")
+        self.new_chats = self._counter(
+            "new_chats", "Delivered events that opened a new chat (NewChatCreated)."
+        )
         self.dead_lettered = self._counter(
             "dead_lettered",
             "Events moved to a dead-letter queue (broker-confirmed), by error variant.",

@@ -5,11 +5,19 @@ The constraints mirror the Connect service model, so botocore's second validatio
 """
 
 import hashlib
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 # String types bounded like the API's; lengths count characters, as the API's do, not bytes.
 Text100 = Annotated[str, StringConstraints(min_length=1, max_length=100)]
@@ -19,6 +27,12 @@ Text350 = Annotated[str, StringConstraints(min_length=1, max_length=350)]
 ContentText = Annotated[str, StringConstraints(min_length=1, max_length=16384)]
 AttributeKey = Annotated[str, StringConstraints(min_length=1, max_length=32767)]
 AttributeValue = Annotated[str, StringConstraints(min_length=0, max_length=32767)]
+
+# The two rules the model states only in the documentation of NewSessionDetails.Attributes:
+# "There can be up to 32,768 UTF-8 bytes across all key-value pairs per contact. Attribute keys
+# can include only alphanumeric, dash, and underscore characters." (botocore's connect model)
+ATTRIBUTES_MAX_BYTES = 32768
+_ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class _ApiShape(BaseModel):
@@ -75,6 +89,28 @@ class SessionDetails(_ApiShape):
     ParticipantDetails: Participant | None = None
     Attributes: dict[AttributeKey, AttributeValue] | None = None
     StreamingConfiguration: Streaming | None = None
+
+    @field_validator("Attributes")
+    @classmethod
+    def _follow_attribute_rules(cls, attributes: dict[str, str] | None) -> dict[str, str] | None:
+        """Enforce the Attributes rules of the model's documentation, saying which failed.
+
+        The message names no key or value: they are the producer's data.
+        """
+        if attributes is None:
+            return None
+        if not all(_ATTRIBUTE_KEY.fullmatch(key) for key in attributes):
+            raise ValueError(
+                "Attribute keys can include only alphanumeric, dash, and underscore characters "
+                "(Connect API model, NewSessionDetails.Attributes)"
+            )
+        size = sum(len(key.encode()) + len(value.encode()) for key, value in attributes.items())
+        if size > ATTRIBUTES_MAX_BYTES:
+            raise ValueError(
+                f"Attributes hold {size} UTF-8 bytes; there can be up to {ATTRIBUTES_MAX_BYTES} "
+                "across all key-value pairs (Connect API model, NewSessionDetails.Attributes)"
+            )
+        return attributes
 
 
 class ChatIntegrationEvent(_ApiShape):

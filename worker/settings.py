@@ -89,6 +89,8 @@ class WorkerSettings(BaseSettings):
     outage_threshold: int = Field(5, ge=1)
     account_threshold: int = Field(3, ge=1)
     account_memory_seconds: float = Field(60.0, gt=0)
+    account_undecided_seconds: float = Field(5.0, gt=0)
+    endpoint_odd_answers: int = Field(5, ge=1)
     probe_seconds: float = Field(1.0, gt=0)
     probe_max_seconds: float = Field(15.0, gt=0)
     redis_url: SecretStr | None = None

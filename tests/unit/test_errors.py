@@ -5,6 +5,7 @@ from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
@@ -88,13 +89,26 @@ def test_any_429_is_a_throttle_whatever_the_code() -> None:
     assert failure.variant is ErrorVariant.UNKNOWN
 
 
-def test_throttling_code_with_status_400_is_permanent_because_status_decides_the_class() -> None:
-    # The module's docstring: "The HTTP status decides retryability whatever the code says
-    # ..., while the code alone decides the dead-letter variant."
-    failure = translate_error(client_error("ThrottlingException", 400))
+@pytest.mark.parametrize("code", ["ThrottlingException", "TooManyRequestsException", "Throttling"])
+@pytest.mark.parametrize("status", [400, 403, 503])
+def test_a_throttling_code_is_a_throttle_whatever_the_status(code: str, status: int) -> None:
+    # botocore's standard mode retries these codes as throttles; a known code says more
+    failure = translate_error(client_error(code, status))
 
-    assert type(failure) is PermanentApiError
-    assert failure.variant is ErrorVariant.THROTTLING
+    assert type(failure) is ThrottledApiError
+    assert failure.http_status == status
+
+
+def test_internal_service_exception_is_transient_whatever_the_status() -> None:
+    failure = translate_error(client_error("InternalServiceException", 400))
+
+    assert type(failure) is TransientApiError
+    assert failure.variant is ErrorVariant.INTERNAL_SERVICE
+
+
+def test_an_unmodelled_code_keeps_the_status_rule() -> None:
+    assert type(translate_error(client_error("SomeNewError", 400))) is PermanentApiError
+    assert type(translate_error(client_error("SomeNewError", 429))) is ThrottledApiError
 
 
 def test_modelled_code_with_unexpected_status_keeps_its_variant() -> None:
@@ -184,6 +198,16 @@ def test_missing_credentials_refuse_the_caller() -> None:
     assert failure.code == "NoCredentialsError"
 
 
+def test_a_failed_container_credentials_refresh_refuses_the_caller() -> None:
+    # botocore raises this, not a ClientError, when the credentials endpoint fails
+    error = CredentialRetrievalError(provider="container-role", error_msg="non 200 response 500")
+
+    failure = translate_error(error)
+
+    assert type(failure) is CallerRefusedError
+    assert failure.code == "CredentialRetrievalError"
+
+
 @pytest.mark.parametrize(
     ("code", "status"),
     [
@@ -191,6 +215,15 @@ def test_missing_credentials_refuse_the_caller() -> None:
         ("InvalidSignatureException", 403),
         ("ExpiredTokenException", 400),
         ("MissingAuthenticationTokenException", 403),
+        ("IncompleteSignatureException", 400),  # rest-json spelling
+        ("IncompleteSignature", 400),  # query-protocol spelling
+        # STS, when a web-identity or assume-role refresh fails under the call
+        ("AccessDenied", 403),
+        ("ExpiredToken", 400),
+        ("InvalidIdentityToken", 400),
+        ("IDPRejectedClaim", 403),
+        ("IDPCommunicationError", 400),
+        ("RegionDisabledException", 403),
     ],
 )
 def test_codes_that_refuse_the_caller_are_caller_refusals_of_the_unknown_variant(

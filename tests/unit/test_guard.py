@@ -9,12 +9,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import pytest
 from botocore.exceptions import ReadTimeoutError
 
 from tests.unit.failures import access_denied, internal_error, invalid_request, throttled
 from tests.unit.fake_clock import FakeClock
+from worker.pipeline.accepted import Accepted
+from worker.pipeline.account import AccountEvidence, AccountVerdict, EvidenceRules
 from worker.pipeline.breaker import Breaker, BreakerState
 from worker.pipeline.errors import (
     EventFailure,
@@ -22,7 +25,7 @@ from worker.pipeline.errors import (
     TransientApiError,
     translate_error,
 )
-from worker.pipeline.guard import AccountVerdict, Attempts, CallGuard, CallObserver
+from worker.pipeline.guard import Attempts, CallGuard, CallObserver
 from worker.pipeline.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 
 OUTAGE_THRESHOLD = 3
@@ -76,18 +79,32 @@ def make_guard(
     observed: Observed | None = None,
     probe_seconds: float = 60.0,
     initial_rate: float = 1000.0,
-    account_memory_seconds: float = 60.0,
+    undecided_seconds: float = 5.0,
     clock: FakeClock | None = None,
 ) -> CallGuard:
-    """Return a guard with real breakers and limiter; `clock`, if given, is the guard's own."""
+    """Return a guard wired as the worker's; `clock`, if given, is the guard's own."""
+    now = clock or time.monotonic
+    rules = EvidenceRules(streak=ACCOUNT_THRESHOLD, undecided_seconds=undecided_seconds)
     return CallGuard(
         AdaptiveRateLimiter(RateLimitConfig(initial_rate=initial_rate)),
         Breaker("outage", OUTAGE_THRESHOLD, probe_seconds, probe_seconds * 4),
-        Breaker("account", ACCOUNT_THRESHOLD, probe_seconds, probe_seconds * 4),
-        account_memory_seconds,
+        Breaker("account", 1, probe_seconds, probe_seconds * 4, clock=now),
+        AccountEvidence(rules, now),
         (observed or Observed()).observer(),
-        clock=clock or time.monotonic,
+        clock=now,
     )
+
+
+def judged(guard: CallGuard, attempts: Attempts) -> AccountVerdict:
+    """Return the verdict on the refusal `attempts` last had, as the evidence stands now."""
+    assert attempts.refused_at is not None
+    return guard.evidence.judge(attempts.conversation, attempts.refused_at)
+
+
+async def accept_others(guard: CallGuard, count: int = 3) -> None:
+    """Have `count` calls of other conversations accepted."""
+    for n in range(count):
+        await guard.call(answering(), Attempts(conversation=f"other-{n}"))
 
 
 async def call_failing(guard: CallGuard, failure: Exception, attempts: Attempts) -> EventFailure:
@@ -113,11 +130,11 @@ async def test_a_success_returns_the_result_and_counts_a_charged_attempt() -> No
     assert observed.answers == ["ok"]
 
 
-async def test_access_denied_with_nothing_accepted_yet_is_reported_as_account_suspect() -> None:
+async def test_a_lone_access_denied_is_raised_held_undecided_and_opens_nothing() -> None:
     # Given a guard that has not had a call accepted yet
     observed = Observed()
     guard = make_guard(observed)
-    attempts = Attempts()
+    attempts = Attempts(conversation="c1")
     denied = access_denied()
 
     # When a call is refused with AccessDenied
@@ -125,47 +142,60 @@ async def test_access_denied_with_nothing_accepted_yet_is_reported_as_account_su
 
     # Then the refusal is raised as Connect's answer made it: the policy decides what follows
     assert raised is denied
-    # And the guard counts it towards the account breaker, and reports refusals as suspect
-    assert guard.account.failures == 1
-    assert guard.account_verdict() is AccountVerdict.SUSPECT
+    # And one refusal proves nothing yet: undecided, and the account breaker stays closed
+    assert judged(guard, attempts) is AccountVerdict.UNDECIDED
+    assert guard.account.closed
     assert (attempts.calls, attempts.charged) == (1, 1)
     assert observed.answers == ["AccessDeniedException"]
 
 
-async def test_access_denied_for_every_call_opens_the_account_breaker() -> None:
+async def test_access_denied_for_distinct_conversations_opens_the_account_breaker() -> None:
     guard = make_guard()
+    await accept_others(guard)  # the account worked a moment ago: the clock proves nothing
 
-    for _ in range(ACCOUNT_THRESHOLD):
-        await call_failing(guard, access_denied(), Attempts())
+    for n in range(ACCOUNT_THRESHOLD):
+        await call_failing(guard, access_denied(), Attempts(conversation=f"c{n}"))
 
     assert guard.account.state is BreakerState.OPEN
     assert guard.outage.closed
 
 
-async def test_access_denied_after_a_success_is_reported_as_that_events_own() -> None:
-    # Given a guard that has just had a call accepted
+async def test_refusals_of_one_conversation_do_not_open_the_account_breaker() -> None:
     guard = make_guard()
-    await guard.call(answering(), Attempts())
-    attempts = Attempts()
-    denied = access_denied()
 
-    # When the next call is refused with AccessDenied
+    for _ in range(ACCOUNT_THRESHOLD + 2):
+        await call_failing(guard, access_denied(), Attempts(conversation="c1"))
+
+    assert guard.account.closed
+
+
+async def test_access_denied_then_other_conversations_accepted_is_that_events_own() -> None:
+    # Given a call refused with AccessDenied
+    guard = make_guard()
+    attempts = Attempts(conversation="c1")
+    denied = access_denied()
     raised = await call_failing(guard, denied, attempts)
 
-    # Then the refusal is raised unchanged and charged, and says nothing against the account
-    assert raised is denied
-    assert (attempts.calls, attempts.charged) == (1, 1)
-    assert guard.account_verdict() is AccountVerdict.ACCEPTED
+    # When the verdict is asked, and calls of other conversations are accepted meanwhile
+    verdict = asyncio.create_task(guard.account_verdict(raised, attempts))
+    await asyncio.sleep(0)
+    assert not verdict.done()
+    await accept_others(guard)
+
+    # Then the refusal is that event's own, and says nothing against the account
+    assert await asyncio.wait_for(verdict, 1.0) is AccountVerdict.ACCEPTED
     assert guard.account.closed
-    assert guard.account.failures == 0
 
 
 async def test_an_event_refused_for_its_content_proves_the_account_works() -> None:
     guard = make_guard()
+    attempts = Attempts(conversation="c1")
+    await call_failing(guard, access_denied(), attempts)
 
-    await call_failing(guard, invalid_request(), Attempts())
+    for n in range(3):
+        await call_failing(guard, invalid_request(), Attempts(conversation=f"other-{n}"))
 
-    assert guard.account_verdict() is AccountVerdict.ACCEPTED
+    assert judged(guard, attempts) is AccountVerdict.ACCEPTED
 
 
 async def test_consecutive_internal_errors_open_the_outage_breaker_at_the_threshold() -> None:
@@ -240,14 +270,16 @@ async def test_throttles_feed_the_limiter_and_do_not_open_the_outage_breaker() -
     assert attempts.charged == OUTAGE_THRESHOLD + 2
 
 
-async def test_a_throttle_counts_as_accepted_so_a_later_access_denied_is_the_events() -> None:
+async def test_throttles_of_other_conversations_prove_the_account_works() -> None:
     guard = make_guard()
-    await call_failing(guard, throttled(), Attempts())
+    attempts = Attempts(conversation="c1")
+    await call_failing(guard, access_denied(), attempts)
 
-    await call_failing(guard, access_denied(), Attempts())
+    for n in range(3):
+        await call_failing(guard, throttled(), Attempts(conversation=f"other-{n}"))
 
-    assert guard.account_verdict() is AccountVerdict.ACCEPTED
-    assert guard.account.failures == 0
+    assert judged(guard, attempts) is AccountVerdict.ACCEPTED
+    assert guard.account.closed
 
 
 async def test_a_read_timeout_counts_an_ambiguous_attempt() -> None:
@@ -284,37 +316,66 @@ async def test_an_internal_error_is_not_ambiguous() -> None:
 # The clock
 
 
-async def test_the_account_memory_ends_on_the_injected_clock() -> None:
-    # Given a guard with a 10 s account memory, whose last accepted call was at t=1000
+async def test_a_lone_refusal_in_a_quiet_stream_is_decided_on_the_injected_clock() -> None:
+    # Given a guard that leaves a refusal undecided for 5 s, and one refusal at t=1000
     clock = FakeClock(1000.0)
-    guard = make_guard(account_memory_seconds=10.0, clock=clock)
-    await guard.call(answering(), Attempts())
+    guard = make_guard(undecided_seconds=5.0, clock=clock)
+    attempts = Attempts(conversation="c1")
+    await call_failing(guard, access_denied(), attempts)
 
-    # Then refusals look like the event's own just short of 10 s later, account-wide at 10 s
-    clock.now = 1009.99
-    assert guard.account_verdict() is AccountVerdict.ACCEPTED
-    clock.now = 1010.0
-    assert guard.account_verdict() is AccountVerdict.SUSPECT
+    # Then it is undecided just short of 5 s later, and the event's own at 5 s
+    clock.now = 1004.99
+    assert judged(guard, attempts) is AccountVerdict.UNDECIDED
+    clock.now = 1005.0
+    assert judged(guard, attempts) is AccountVerdict.ACCEPTED
 
 
-async def test_refusals_alone_do_not_keep_the_account_looking_accepted() -> None:
-    # Given a guard with a 10 s account memory, whose last accepted call was at t=1000
+async def test_credentials_expiring_after_accepted_calls_are_judged_account_wide() -> None:
+    # Given a guard that has just had calls accepted (what the clock rule took as proof)
     clock = FakeClock(1000.0)
-    guard = make_guard(account_memory_seconds=10.0, clock=clock)
-    await guard.call(answering(), Attempts())
+    guard = make_guard(clock=clock)
+    await accept_others(guard)
 
-    # When the credentials expire and every later call is refused, one per second
-    verdicts: list[AccountVerdict] = []
-    while guard.account.state is BreakerState.CLOSED and len(verdicts) < 30:
-        clock.now += 1.0
-        await call_failing(guard, access_denied(), Attempts())
-        verdicts.append(guard.account_verdict())
+    # When the credentials expire and the next calls, of distinct conversations, are refused
+    refused = [Attempts(conversation=f"c{n}") for n in range(ACCOUNT_THRESHOLD)]
+    for attempts in refused:
+        clock.now += 0.1
+        await call_failing(guard, access_denied(), attempts)
 
-    # Then once nothing has been accepted for 10 s, refusals look account-wide,
-    # and after the threshold of them the account breaker opens (calls then wait)
-    assert verdicts[:9] == [AccountVerdict.ACCEPTED] * 9
-    assert verdicts[9:] == [AccountVerdict.SUSPECT] * ACCOUNT_THRESHOLD
+    # Then every one of them is judged account-wide, and the account breaker is open
+    assert [judged(guard, a) for a in refused] == [AccountVerdict.SUSPECT] * ACCOUNT_THRESHOLD
     assert guard.account.state is BreakerState.OPEN
+
+
+async def test_probes_rotate_away_from_the_conversation_whose_probe_was_refused() -> None:
+    # Given an account breaker opened by refusals, whose probe (conversation c0) was refused
+    clock = FakeClock(1000.0)
+    guard = make_guard(probe_seconds=0.05, clock=clock)
+    for n in range(ACCOUNT_THRESHOLD):
+        await call_failing(guard, access_denied(), Attempts(conversation=f"c{n}"))
+    clock.now += 1.0
+    await call_failing(guard, access_denied(), Attempts(conversation="c0"))
+    assert guard.account.state is BreakerState.OPEN
+
+    # When c0 and then c1 wait for the next probe, and its time comes
+    sent: list[str] = []
+
+    async def send_as(conversation: str) -> str:
+        sent.append(conversation)
+        return "ok"
+
+    calls = [
+        asyncio.create_task(guard.call(partial(send_as, c), Attempts(conversation=c)))
+        for c in ("c0", "c1")
+    ]
+    await asyncio.sleep(0.01)
+    assert sent == []
+    clock.now += 1.0
+    await asyncio.wait_for(asyncio.gather(*calls), 1.0)
+
+    # Then c1 was the probe: its acceptance closed the breaker, and c0 went after it
+    assert sent == ["c1", "c0"]
+    assert guard.account.closed
 
 
 async def test_latency_is_measured_on_the_injected_clock() -> None:
@@ -394,3 +455,47 @@ async def test_a_probe_cancelled_before_it_is_sent_frees_the_probe_slot() -> Non
     state_after: BreakerState = guard.outage.state
     assert state_after is BreakerState.OPEN  # actual: PROBING
     assert await asyncio.wait_for(guard.outage.admit(), 0.1) is True  # actual: waits forever
+
+
+# --- the endpoint tripwire: 2xx answers that are not Connect's ------------------------------
+
+
+def accepting(answer: Accepted) -> Callable[[], Awaitable[Accepted]]:
+    """Return a send that answers 2xx with `answer`."""
+
+    async def send() -> Accepted:
+        return answer
+
+    return send
+
+
+FINE = Accepted("r-1", "c-1", new_chat=True)
+ODD = Accepted("r-2", odd_body="list")
+
+
+async def test_a_2xx_without_request_id_trips_the_endpoint_tripwire_at_once() -> None:
+    guard = make_guard()
+
+    answer = await guard.call(accepting(Accepted(None, "c-1")), Attempts())
+
+    assert answer.contact_id == "c-1"  # delivered all the same
+    assert guard.endpoint.reason is not None
+    assert "x-amzn-RequestId" in guard.endpoint.reason
+    with pytest.raises(TimeoutError):  # and no call goes any more
+        await asyncio.wait_for(guard.call(accepting(FINE), Attempts()), 0.05)
+
+
+async def test_odd_bodies_trip_the_tripwire_only_when_they_come_in_a_row() -> None:
+    guard = make_guard()
+    for _ in range(4):
+        await guard.call(accepting(ODD), Attempts())
+    await guard.call(accepting(FINE), Attempts())
+    for _ in range(4):
+        await guard.call(accepting(ODD), Attempts())
+    assert guard.endpoint.closed
+
+    await guard.call(accepting(ODD), Attempts())
+
+    assert guard.endpoint.reason == (
+        "5 answers in a row were 2xx with a body that is not Connect's output shape (last: list)"
+    )

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from worker.pipeline.account import AccountEvidence, EvidenceRules
 from worker.pipeline.breaker import Breaker
 from worker.pipeline.guard import Attempts, CallGuard
 from worker.pipeline.inflight import WAITING, InFlight, Stage, Stopping
@@ -28,7 +29,7 @@ def guard_over(inflight: InFlight, probe_seconds: float = 60.0) -> CallGuard:
         AdaptiveRateLimiter(RateLimitConfig(initial_rate=1000.0)),
         Breaker("outage", THRESHOLD, probe_seconds, probe_seconds * 4),
         Breaker("account", THRESHOLD, probe_seconds, probe_seconds * 4),
-        60.0,
+        AccountEvidence(EvidenceRules()),
         stages=inflight,
     )
 

@@ -420,3 +420,58 @@ def test_conversation_key_encodes_non_ascii_as_utf8() -> None:
     expected = hashlib.sha256("Zoë\x00日本\x00ß".encode()).hexdigest()
     assert conversation_key(body) == expected
     assert conversation_key(parse({**body, "Event": {"Type": "DISCONNECT"}})) == expected
+
+
+# --- the Attributes rules of the model's documentation ----------------------------------------
+
+
+def with_attributes(attributes: dict[str, str]) -> dict[str, Any]:
+    """Return a DISCONNECT opening a chat with these Attributes."""
+    return with_changes(DISCONNECT, NewSessionDetails={"Attributes": attributes})
+
+
+def attribute_failure(attributes: dict[str, str]) -> str:
+    """Return the message of the one error these Attributes fail with, at their location."""
+    with pytest.raises(ValidationError) as caught:
+        parse(with_attributes(attributes))
+    [error] = caught.value.errors()
+    assert error["loc"] == ("NewSessionDetails", "Attributes")
+    return str(error["msg"])
+
+
+@pytest.mark.parametrize("key", ["a", "Z9", "customer-tier_2", "-", "_", "A" * 100])
+def test_attribute_keys_of_alphanumerics_dash_and_underscore_are_valid(key: str) -> None:
+    assert parse(with_attributes({key: "v"})).NewSessionDetails is not None
+
+
+@pytest.mark.parametrize("key", ["a b", "a.b", "a:b", "tier/1", "é", "\u0661", "a\n", "key!"])
+def test_a_key_with_another_character_is_rejected_citing_the_model(key: str) -> None:
+    message = attribute_failure({"ok": "v", key: "v"})
+
+    assert "only alphanumeric, dash, and underscore" in message
+    assert "NewSessionDetails.Attributes" in message
+
+
+def test_the_rejection_does_not_repeat_the_key() -> None:
+    assert "+15551234567" not in attribute_failure({"phone:+15551234567": "v"})
+
+
+def test_attributes_of_exactly_32768_utf8_bytes_are_valid() -> None:
+    # "é" is 2 bytes in UTF-8: the limit counts bytes, not characters
+    attributes = {"k": "é" * 16383 + "a"}  # 1 + 32766 + 1 bytes
+
+    assert parse(with_attributes(attributes)).NewSessionDetails is not None
+
+
+def test_attributes_of_32769_utf8_bytes_are_rejected_counting_keys_and_values() -> None:
+    attributes = {"k1": "a" * 16382, "k2": "é" * 8191 + "a"}  # 2 + 16382 + 2 + 16383 bytes
+
+    message = attribute_failure(attributes)
+
+    assert "32769 UTF-8 bytes" in message
+    assert "up to 32768" in message
+
+
+def test_a_value_under_its_own_limit_still_counts_towards_the_total() -> None:
+    # each value fits its 32,767-character limit, together they do not fit 32,768 bytes
+    assert "UTF-8 bytes" in attribute_failure({"a": "x" * 20000, "b": "y" * 20000})

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from tenacity import wait_exponential
 
 from tests.unit.failures import client_error, internal_error, throttled
+from worker.pipeline.account import AccountVerdict
 from worker.pipeline.errors import (
     CallerRefusedError,
     ErrorVariant,
@@ -16,7 +17,6 @@ from worker.pipeline.errors import (
     TransientApiError,
     translate_error,
 )
-from worker.pipeline.guard import AccountVerdict
 from worker.pipeline.policy import (
     Action,
     Decision,
@@ -148,11 +148,11 @@ def test_a_refusal_of_the_caller_is_held_only_while_the_account_looks_refused(
         ("AccessDeniedException", 503, FailureKind.TRANSIENT),
         ("ServiceUnavailableException", 503, FailureKind.TRANSIENT),
         ("AccessDeniedException", 403, FailureKind.HELD),
-        ("ThrottlingException", 400, FailureKind.PERMANENT),
+        ("ThrottlingException", 400, FailureKind.THROTTLED),
         ("InvalidRequestException", 400, FailureKind.PERMANENT),
     ],
 )
-def test_connects_status_decides_the_kind_whatever_the_code(
+def test_a_known_code_else_the_status_decides_the_kind(
     code: str, status: int, kind: FailureKind
 ) -> None:
     # Seen by an account that looks refused everywhere, so that a refusal shows as held.
@@ -280,5 +280,5 @@ def test_no_decision_retries_past_its_budget_or_stops_a_held_event(
     budget = {"throttled": (5, 60.0), "transient": (3, 20.0)}.get(kind)
     if decision.action is Action.RETRY:
         assert budget is not None and charged < budget[0] and seconds < budget[1]
-    assert (decision.action is Action.HOLD) == (kind == "refused" and verdict is SUSPECT)
+    assert (decision.action is Action.HOLD) == (kind == "refused" and verdict is not ACCEPTED)
     assert 0.0 <= decision.wait <= 8.0

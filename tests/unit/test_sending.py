@@ -17,6 +17,8 @@ from tests.unit.failures import access_denied, internal_error, throttled
 from tests.unit.fake_clock import FakeClock
 from worker.metrics import Metrics
 from worker.models import ChatIntegrationEvent
+from worker.pipeline.accepted import Accepted
+from worker.pipeline.account import AccountEvidence, EvidenceRules
 from worker.pipeline.breaker import Breaker
 from worker.pipeline.errors import (
     CallerRefusedError,
@@ -54,14 +56,14 @@ class ScriptedClient:
     answer: asyncio.Event | None = None
     on_call: Callable[[], None] = lambda: None
 
-    async def send(self, event: ChatIntegrationEvent) -> dict[str, Any]:
+    async def send(self, event: ChatIntegrationEvent) -> Accepted:
         self.calls += 1
         self.on_call()
         if self.answer is not None:
             await self.answer.wait()
         if self.failures:
             raise self.failures.pop(0)
-        return {"NewChatCreated": False}
+        return Accepted("request-id", "contact-1", new_chat=False)
 
 
 @dataclass
@@ -79,8 +81,8 @@ def make_setup(*failures: EventFailure, account_threshold: int = 2, **budgets: A
     guard = CallGuard(
         AdaptiveRateLimiter(RateLimitConfig(initial_rate=1000.0)),
         Breaker("outage", 5, 0.01, 0.02),
-        Breaker("account", account_threshold, 0.01, 0.02),
-        settings.account_memory_seconds,
+        Breaker("account", 1, 0.01, 0.02),
+        AccountEvidence(EvidenceRules(streak=account_threshold, undecided_seconds=0.05)),
     )
     client = ScriptedClient(list(failures))
     metrics = Metrics(worker_id="test")
@@ -157,21 +159,29 @@ async def test_the_failure_is_raised_once_the_seconds_budget_is_charged() -> Non
     assert setup.client.calls == 3
 
 
-async def test_a_refusal_while_the_account_works_is_raised_at_once() -> None:
-    setup = make_setup()
-    await send(setup, Attempts())  # the account works
-    setup.client.failures.append(access_denied())
-    attempts = Attempts()
+async def test_a_lone_refusal_is_raised_after_one_call_once_undecided_time_passes() -> None:
+    setup = make_setup(access_denied())
+    attempts = Attempts(conversation="c1")
 
     with pytest.raises(CallerRefusedError):
         await send(setup, attempts)
     assert (attempts.calls, attempts.charged) == (1, 1)
+    assert setup.guard.account.closed
+
+
+def refuse_everyone(setup: Setup) -> None:
+    """Have the guard's evidence judge the account refused (other conversations were)."""
+    for conversation in ("x", "y"):
+        setup.guard.evidence.record_refused(conversation)
+    assert setup.guard.evidence.account_wide
 
 
 async def test_refusals_while_everything_is_refused_are_held_uncharged_until_accepted() -> None:
-    # Given a worker with nothing accepted yet, and Connect refusing the caller five times
+    # Given a worker whose calls of other conversations were refused, and Connect refusing
+    # the caller five more times
     setup = make_setup(*[access_denied() for _ in range(5)], transient_max_attempts=1)
-    attempts = Attempts()
+    refuse_everyone(setup)
+    attempts = Attempts(conversation="c1")
 
     # When an event is sent, then it is held through the refusals (the account breaker opens
     # and probes) and delivered at last, with none of the refusals charged to its budget
@@ -181,21 +191,17 @@ async def test_refusals_while_everything_is_refused_are_held_uncharged_until_acc
 
 
 async def test_held_calls_leave_the_budget_whole_for_failures_after_the_account_recovers() -> None:
-    # Given three refusals while nothing is accepted (the breaker stays closed), then two 500s,
-    # for an event whose transient budget is three attempts
+    # Given three refusals while every call is refused, then two 500s, for an event whose
+    # transient budget is one attempt
     refusals = [access_denied() for _ in range(3)]
-    setup = make_setup(
-        *refusals,
-        internal_error(),
-        internal_error(),
-        account_threshold=10,
-        transient_max_attempts=3,
-    )
-    attempts = Attempts()
+    setup = make_setup(*refusals, internal_error(), internal_error(), transient_max_attempts=1)
+    refuse_everyone(setup)
+    attempts = Attempts(conversation="c1")
 
-    # When it is sent, then it is delivered: only the two 500s were charged
+    # When it is sent, then it is delivered: the 500s came while the account breaker probed,
+    # and neither they nor the refusals were charged
     await send(setup, attempts)
-    assert (attempts.calls, attempts.charged) == (6, 3)
+    assert (attempts.calls, attempts.charged) == (6, 0)
 
 
 async def test_a_call_on_the_wire_finishes_when_its_task_is_cancelled_and_is_remembered() -> None:

@@ -104,3 +104,53 @@ class Breaker:
         self._changed = asyncio.Event()
         if changed and self._on_change is not None:
             self._on_change(self)
+
+
+class Tripwire:
+    """Stop every call for good once tripped, saying why: what trips it needs a person.
+
+    It guards against a wrong endpoint that answers 2xx to everything: every such answer
+    would ack an event that never reached Connect. Unlike a `Breaker` it sends no probe,
+    since a probe answered 2xx is acked too: the event would be lost. It trips at once on
+    `trip`, or after `threshold` odd answers in a row (`record_odd`); a restart resets it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        threshold: int,
+        on_trip: Callable[["Tripwire"], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.reason: str | None = None
+        self.odd_in_a_row = 0
+        self._threshold = threshold
+        self._on_trip = on_trip
+        self._never = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        """Return True while calls flow."""
+        return self.reason is None
+
+    async def admit(self) -> None:
+        """Let a call go, or wait for good (until cancelled, at shutdown) once tripped."""
+        if self.reason is not None:
+            await self._never.wait()
+
+    def record_fine(self) -> None:
+        """Note an answer that reads as expected: the odd ones were not in a row."""
+        self.odd_in_a_row = 0
+
+    def record_odd(self, what: str) -> None:
+        """Note an odd answer; trip once `threshold` of them came in a row."""
+        self.odd_in_a_row += 1
+        if self.odd_in_a_row >= self._threshold:
+            self.trip(f"{self.odd_in_a_row} answers in a row were {what}")
+
+    def trip(self, reason: str) -> None:
+        """Stop every call from now on, for `reason` (the first reason is kept)."""
+        if self.reason is None:
+            self.reason = reason
+            if self._on_trip is not None:
+                self._on_trip(self)

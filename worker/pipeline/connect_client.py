@@ -13,6 +13,7 @@ from aiobotocore.session import get_session
 
 from worker import __version__
 from worker.models import ChatIntegrationEvent
+from worker.pipeline.accepted import BEFORE_PARSE, Accepted, read_accepted, tolerate_odd_bodies
 from worker.pipeline.errors import translate_error
 from worker.settings import WorkerSettings
 
@@ -59,7 +60,7 @@ def client_config(settings: WorkerSettings) -> AioConfig:
 
 
 class ConnectClient:
-    """Send chat integration events; raise an `EventFailure` for anything but success."""
+    """Send chat integration events; raise an `EventFailure` for anything but a 2xx."""
 
     def __init__(self, settings: WorkerSettings, endpoint_url: str | None = None) -> None:
         self._settings = settings
@@ -77,6 +78,7 @@ class ConnectClient:
                 config=client_config(self._settings),
             )
         )
+        self._client.meta.events.register(BEFORE_PARSE, tolerate_odd_bodies)
         return self
 
     async def __aexit__(
@@ -98,12 +100,12 @@ class ConnectClient:
             raise RuntimeError("the Connect client is not open")
         return str(self._client.meta.endpoint_url)
 
-    async def send(self, event: ChatIntegrationEvent) -> dict[str, Any]:
-        """Call SendChatIntegrationEvent once; return the parsed response."""
+    async def send(self, event: ChatIntegrationEvent) -> Accepted:
+        """Call SendChatIntegrationEvent once; return what its 2xx answer says."""
         try:
             response: dict[str, Any] = await self._client.send_chat_integration_event(
                 **event.to_request()
             )
         except Exception as error:
             raise translate_error(error) from error
-        return response
+        return read_accepted(response)

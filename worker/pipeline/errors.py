@@ -2,8 +2,9 @@
 
 Each failure is an exception whose class says what kind of failure it is (throttled, transient,
 permanent, or a refusal of the caller) and whose `variant` says which dead-letter queue it ends
-in. botocore's errors are translated here and nowhere else: the HTTP status chooses the class,
-the code chooses the variant. What each class means for a retry is `policy`'s table.
+in. botocore's errors are translated here and nowhere else: a code known to say how to retry
+(a throttle, a transient failure) chooses the class, else the HTTP status does; the code
+chooses the variant. What each class means for a retry is `policy`'s table.
 """
 
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from botocore.exceptions import (
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
+from botocore.retries.standard import ThrottledRetryableChecker, TransientRetryableChecker
 
 
 class ErrorVariant(StrEnum):
@@ -47,6 +49,7 @@ _MODELLED_CODES = frozenset(
 )
 
 # Codes that say the caller, not the event, is refused: wrong role, Region or credentials.
+# STS's own codes come as ClientErrors from a web-identity or container credentials refresh.
 CALLER_REFUSED_CODES = frozenset(
     {
         "AccessDeniedException",
@@ -54,6 +57,7 @@ CALLER_REFUSED_CODES = frozenset(
         "InvalidSignatureException",
         "SignatureDoesNotMatch",
         "IncompleteSignature",
+        "IncompleteSignatureException",
         "InvalidClientTokenId",
         "ExpiredTokenException",
         "ExpiredToken",
@@ -61,7 +65,21 @@ CALLER_REFUSED_CODES = frozenset(
         "NoCredentialsError",
         "PartialCredentialsError",
         "CredentialRetrievalError",
+        "RefreshWithMFAUnsupportedError",
+        "TokenRetrievalError",
+        "AccessDenied",
+        "InvalidIdentityToken",
+        "IDPRejectedClaim",
+        "IDPCommunicationError",
+        "RegionDisabledException",
     }
+)
+
+# Codes that say how to retry whatever the status they come with: botocore's standard retry
+# mode reads them so (its own lists), and Connect's model gives InternalServiceException a 500.
+THROTTLING_CODES = frozenset(ThrottledRetryableChecker._THROTTLED_ERROR_CODES)
+TRANSIENT_CODES = frozenset(
+    {*TransientRetryableChecker._TRANSIENT_ERROR_CODES, "InternalServiceException"}
 )
 
 
@@ -97,7 +115,7 @@ class TransientApiError(EventFailure):
 
 
 class ThrottledApiError(TransientApiError):
-    """Connect answered 429: the shared quota is exhausted for now."""
+    """Connect answered 429 or a throttling code: the shared quota is exhausted for now."""
 
 
 class CallerRefusedError(PermanentApiError):
@@ -112,9 +130,11 @@ def variant_for_code(code: str) -> ErrorVariant:
 def translate_error(error: Exception) -> EventFailure:
     """Translate what the aiobotocore call raised into a failure the policy understands.
 
-    The HTTP status decides the class whatever the code says (any 429 is a throttle, any 5xx
-    or transport failure is transient; otherwise a code that refuses the caller is a caller
-    refusal, any other permanent), while the code alone decides the dead-letter variant.
+    A known code decides the class where it says more than the status (a throttling code is
+    a throttle, a transient code transient, whatever the status); otherwise the status does
+    (any 429 is a throttle, any 5xx or transport failure is transient; else a code that
+    refuses the caller is a caller refusal, any other permanent). The code alone decides
+    the dead-letter variant.
     """
     if isinstance(error, ClientError):
         return _translate_client_error(error)
@@ -141,12 +161,7 @@ def _translate_client_error(error: ClientError) -> EventFailure:
     code = str(details.get("Code") or "Unknown")
     status = metadata.get("HTTPStatusCode")
     reason = response.get("Reason")
-    kind: type[EventFailure] = _permanent_class(code)
-    if status == 429:
-        kind = ThrottledApiError
-    elif isinstance(status, int) and status >= 500:
-        kind = TransientApiError
-    return kind(
+    return _failure_class(code, status)(
         variant=variant_for_code(code),
         code=code,
         message=str(details.get("Message") or ""),
@@ -154,3 +169,12 @@ def _translate_client_error(error: ClientError) -> EventFailure:
         request_id=metadata.get("RequestId"),
         reason=reason if isinstance(reason, dict) else None,
     )
+
+
+def _failure_class(code: str, status: object) -> type[EventFailure]:
+    """Return the class of an error answer: a known code first, else its status."""
+    if code in THROTTLING_CODES or status == 429:
+        return ThrottledApiError
+    if code in TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+        return TransientApiError
+    return _permanent_class(code)

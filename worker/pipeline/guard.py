@@ -1,25 +1,33 @@
-"""Decide when a call to Connect may go: the rate limiter and the two breakers, in one place.
+"""Decide when a call to Connect may go: the rate limiter and the breakers, in one place.
 
-Every attempt passes the outage breaker (Connect down), the account breaker (the caller is
-refused everywhere), then the rate limiter. Each answer is reported back to all three. Time a
+Every attempt passes the endpoint tripwire (not Connect answering), the outage breaker
+(Connect down), the account breaker (the caller is refused everywhere), then the rate
+limiter. Each answer is reported back to all of them. Time a
 call spends waiting here is not charged to its message's retry budget, and neither are probes.
 
-The guard reports what it knows and decides nothing about the event: whether refusals of the
-caller currently look account-wide is its `account_verdict`, an input of `policy`'s decision.
+The guard reports what it knows and decides nothing about the event: whether a refusal of the
+caller is the event's own or the account's is its `account_verdict`, judged by
+`account.AccountEvidence` from every answer the guard feeds it, an input of `policy`'s decision.
+While the evidence is undecided, the verdict waits for more answers (a bounded time).
 
 The guard also knows which calls are on the wire and which tasks only wait (for a breaker, the
 limiter, their conversation's turn, a backoff): at shutdown it ends every wait at once, since
 nothing that waits can be sent any more, and lets only the calls on the wire finish.
 """
 
+import asyncio
+import contextlib
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import Enum
+from functools import partial
 from typing import TypeVar
 
-from worker.pipeline.breaker import Breaker
+from worker.pipeline.accepted import Accepted
+from worker.pipeline.account import AccountEvidence, AccountVerdict
+from worker.pipeline.breaker import Breaker, Tripwire
 from worker.pipeline.errors import (
     CallerRefusedError,
     EventFailure,
@@ -45,6 +53,7 @@ class Attempts:
     tested without sleeping; the worker uses the real ones.
     """
 
+    conversation: str = ""
     calls: int = 0
     charged: int = 0
     ambiguous: int = 0
@@ -54,6 +63,8 @@ class Attempts:
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
     utc_clock: Callable[[], datetime] = field(default=utc_now, repr=False, compare=False)
     received_monotonic: float = field(init=False)
+    refused_at: float | None = field(default=None, init=False)
+    """When the caller was last refused for this message (the key of its account verdict)."""
     _last_charged: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,15 +94,6 @@ class Attempts:
         return max(0.0, self.clock() - self.first_monotonic - self.waited)
 
 
-class AccountVerdict(Enum):
-    """What the guard can tell about the account when Connect refuses the caller."""
-
-    ACCEPTED = "accepted"
-    """Some call got past authentication lately: a refusal concerns that event alone."""
-    SUSPECT = "suspect"
-    """Nothing got past authentication lately: refusals look account-wide."""
-
-
 @dataclass
 class CallObserver:
     """Hooks for metrics; each is optional."""
@@ -108,21 +110,27 @@ class CallGuard:
         limiter: AdaptiveRateLimiter,
         outage: Breaker,
         account: Breaker,
-        account_memory_seconds: float,
+        evidence: AccountEvidence,
         observer: CallObserver | None = None,
         stages: InFlight | None = None,
         clock: Callable[[], float] = time.monotonic,
+        endpoint: Tripwire | None = None,
     ) -> None:
         self.limiter = limiter
+        self.endpoint = endpoint or Tripwire("endpoint", threshold=5)
         self.outage = outage
         self.account = account
-        self._account_memory = account_memory_seconds
+        self.evidence = evidence
         self._observer = observer or CallObserver()
         # Where each delivery stands (waiting here, on the wire), for the worker's shutdown.
         self._stages = stages if stages is not None else InFlight()
         self._clock = clock
-        self._last_accepted = -float("inf")
         self._closed = False
+        self._answered = asyncio.Event()
+        # Conversations waiting at the open account breaker, and the last one refused as
+        # its probe: probes rotate, so one truly forbidden event cannot keep it open.
+        self._account_waiting: Counter[str] = Counter()
+        self._last_refused_probe: str | None = None
 
     @property
     def closed(self) -> bool:
@@ -162,8 +170,9 @@ class CallGuard:
         try:
             self._refuse_if_closed()
             with self._stages.stage(Stage.GUARD):
+                await self.endpoint.admit()
                 outage_probe = await self.outage.admit()
-                account_probe = await self.account.admit()
+                account_probe = await self._admit_account(attempts.conversation)
                 sent_at = await self.limiter.acquire()
             self._refuse_if_closed()
             sent = self._clock()
@@ -172,27 +181,75 @@ class CallGuard:
             result = await self._send(send)
         except EventFailure as failure:
             self._observer.on_answer(failure.code, self._clock() - sent)
-            self._learn_from_failure(failure, sent_at, outage_probe, account_probe, attempts)
+            self._learn_from_failure(
+                failure, sent_at, sent, (outage_probe, account_probe), attempts
+            )
             attempts.record_answer(probe=outage_probe or account_probe)
             raise
         except BaseException:
             self._abandon(outage_probe, account_probe)
             raise
+        finally:
+            self._wake_waiters()
         self._observer.on_answer("ok", self._clock() - sent)
-        self._learn_accepted()
+        if isinstance(result, Accepted):
+            self._judge_endpoint(result)
+        self._learn_accepted(attempts.conversation, sent)
         self.limiter.on_success()
         attempts.record_answer(probe=outage_probe or account_probe)
         return result
 
-    def account_verdict(self) -> AccountVerdict:
-        """Say whether refusals of the caller look account-wide now.
+    async def account_verdict(self, failure: EventFailure, attempts: Attempts) -> AccountVerdict:
+        """Judge a refusal of the caller by the answers to other calls; wait while undecided.
 
-        Today's rule: they do when nothing got past authentication within the account memory
-        (`account_memory_seconds`). This is the one place that judges it.
+        Only a refusal (`CallerRefusedError`) is judged, by `account.AccountEvidence`'s rule;
+        any other failure's verdict is moot. The wait is bounded by the rule's
+        `undecided_seconds`, and shutdown ends it like any wait in the guard.
         """
-        if self._clock() - self._last_accepted < self._account_memory:
+        refused_at = attempts.refused_at
+        if not isinstance(failure, CallerRefusedError) or refused_at is None:
             return AccountVerdict.ACCEPTED
-        return AccountVerdict.SUSPECT
+        while True:
+            verdict = self.evidence.judge(attempts.conversation, refused_at)
+            if verdict is not AccountVerdict.UNDECIDED:
+                return verdict
+            wait = self.evidence.undecided_left(refused_at)
+            await self.hold(partial(self._next_answer, wait))
+
+    async def _admit_account(self, conversation: str) -> bool:
+        """Wait for the account breaker; pass the probe on when this conversation failed the last.
+
+        Without the rotation, one truly forbidden event could be every probe, and keep the
+        breaker open after the account is accepted again.
+        """
+        self._account_waiting[conversation] += 1
+        try:
+            while True:
+                probe = await self.account.admit()
+                if not (probe and self._passes_probe_on(conversation)):
+                    return probe
+                self.account.abandon_probe()
+                await self._next_answer(None)  # another conversation's probe answers first
+        finally:
+            self._account_waiting[conversation] -= 1
+            if not self._account_waiting[conversation]:
+                del self._account_waiting[conversation]
+
+    def _passes_probe_on(self, conversation: str) -> bool:
+        """Return True when the last probe refused was this conversation's and others wait."""
+        if conversation != self._last_refused_probe:
+            return False
+        return any(other != conversation for other in self._account_waiting)
+
+    async def _next_answer(self, seconds: float | None) -> None:
+        """Wait until the next call ends, at most `seconds` (None: no bound)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._answered.wait(), seconds)
+
+    def _wake_waiters(self) -> None:
+        """Wake what waits for evidence: a call has ended."""
+        self._answered.set()
+        self._answered = asyncio.Event()
 
     async def _send(self, send: Callable[[], Awaitable[T]]) -> T:
         """Make the call, in the WIRE stage meanwhile (shutdown lets it finish)."""
@@ -203,16 +260,21 @@ class CallGuard:
         self,
         failure: EventFailure,
         sent_at: float,
-        outage_probe: bool,
-        account_probe: bool,
+        sent: float,
+        probes: tuple[bool, bool],
         attempts: Attempts,
     ) -> None:
-        """Tell the limiter and breakers what this failure says about Connect and the account."""
+        """Tell the limiter, breakers and evidence what this failure says about Connect.
+
+        `sent_at` is the limiter's send time, `sent` the guard's; `probes` says whether the
+        call was the outage breaker's probe, and the account breaker's.
+        """
+        outage_probe, account_probe = probes
         if isinstance(failure, ThrottledApiError):
             # A throttle says nothing about an outage: neither ends a failure streak nor
             # answers a probe (another call probes). It does prove the caller authenticated.
             self.limiter.on_throttle(sent_at)
-            self._note_authenticated()
+            self._note_authenticated(attempts.conversation, sent)
             if outage_probe:
                 self.outage.abandon_probe()
         elif isinstance(failure, TransientApiError):
@@ -223,22 +285,45 @@ class CallGuard:
                 attempts.ambiguous += 1
                 self._observer.on_ambiguous()
         elif isinstance(failure, CallerRefusedError):
-            # Connect answered, but a refusal never proves the account works.
-            self.outage.record_success()
-            if self.account_verdict() is AccountVerdict.SUSPECT:
-                self.account.record_failure(account_probe)
+            self._learn_refused(attempts, account_probe)
         else:
-            self._learn_accepted()
+            self._learn_accepted(attempts.conversation, sent)
 
-    def _learn_accepted(self) -> None:
+    def _learn_refused(self, attempts: Attempts, account_probe: bool) -> None:
+        """Note a refusal of the caller; open the account breaker once it looks account-wide."""
+        # Connect answered, but a refusal never proves the account works.
+        self.outage.record_success()
+        attempts.refused_at = self.evidence.record_refused(attempts.conversation)
+        if account_probe:
+            self._last_refused_probe = attempts.conversation
+        if self.evidence.account_wide:
+            self.account.record_failure(account_probe)
+
+    def _judge_endpoint(self, accepted: Accepted) -> None:
+        """Tell the tripwire whether a 2xx reads as Connect's: request id, output shape."""
+        if accepted.request_id is None:
+            self.endpoint.trip(
+                "a 2xx answer without x-amzn-RequestId: not Connect's (wrong endpoint?)"
+            )
+        elif accepted.odd_body is not None:
+            self.endpoint.record_odd(
+                f"2xx with a body that is not Connect's output shape (last: {accepted.odd_body})"
+            )
+        else:
+            self.endpoint.record_fine()
+
+    def _learn_accepted(self, conversation: str, sent: float) -> None:
         """Note that Connect answered this caller: up, and the account accepted."""
-        self._note_authenticated()
+        self._note_authenticated(conversation, sent)
         self.outage.record_success()
 
-    def _note_authenticated(self) -> None:
-        """Note that a call got past authentication: the account works."""
-        self._last_accepted = max(self._last_accepted, self._clock())
-        self.account.record_success()
+    def _note_authenticated(self, conversation: str, sent: float) -> None:
+        """Note that a call sent at `sent` got past authentication: the account works.
+
+        An answer to a call sent before the account was judged refused closes nothing.
+        """
+        if self.evidence.record_accepted(conversation, sent):
+            self.account.record_success()
 
     def _abandon(self, outage_probe: bool, account_probe: bool) -> None:
         """Free the probe slot of a call that ended without an answer (cancelled)."""

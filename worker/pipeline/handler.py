@@ -58,8 +58,9 @@ class MessageHandler:
         except EventFailure as failure:
             await self._settle(message, self._failed(failure, attempts, queue_name))
             return
+        attempts.conversation = conversation_key(event)  # what the account verdict weighs
         # Take the turn before the first await: deliveries arrive in queue order.
-        with self._lines.take_turn(conversation_key(event)) as turn:
+        with self._lines.take_turn(attempts.conversation) as turn:
             result = await self._process(turn, message, event, attempts, queue_name)
             turn.outcome = await self._settle(message, result)
 

@@ -7,9 +7,9 @@ falls to its nearest base. The kind, not the variant, picks the rule in the tabl
 
 - throttled (any 429): retried within the throttle budget; the limiter slows the pace meanwhile.
 - transient (any 5xx, a transport failure): retried within the transient budget.
-- held (the caller refused while the guard's `AccountVerdict` says every call is): retried
-  without a budget and never charged; the account breaker paces the attempts, and the worker
-  hands the event back at shutdown.
+- held (the caller refused, unless the guard's `AccountVerdict` says it is the event's own):
+  retried without a budget and never charged; the account breaker paces the attempts, and the
+  worker hands the event back at shutdown.
 - permanent (anything else, a refusal while other calls get through included): dead-lettered.
 
 Budgets count what was charged to the message: probes and time held back by the guard are not.
@@ -23,13 +23,13 @@ from enum import Enum, StrEnum
 from tenacity import RetryCallState, Retrying, wait_random_exponential
 from tenacity.wait import WaitBaseT
 
+from worker.pipeline.account import AccountVerdict
 from worker.pipeline.errors import (
     CallerRefusedError,
     EventFailure,
     ThrottledApiError,
     TransientApiError,
 )
-from worker.pipeline.guard import AccountVerdict
 from worker.settings import WorkerSettings
 
 

@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from worker.metrics import Metrics
 from worker.models import ChatIntegrationEvent
 from worker.observability import short_key
+from worker.pipeline.accepted import Accepted
 from worker.pipeline.errors import EventFailure
 from worker.pipeline.guard import Attempts, CallGuard
 from worker.pipeline.policy import Action, Decision, FailureKind, RetryPolicy, Spent
@@ -23,8 +24,8 @@ from worker.pipeline.policy import Action, Decision, FailureKind, RetryPolicy, S
 class EventClient(Protocol):
     """What sending needs of the Connect client (`connect_client.ConnectClient`)."""
 
-    async def send(self, event: ChatIntegrationEvent) -> dict[str, Any]:
-        """Call SendChatIntegrationEvent once; raise an `EventFailure` for anything else."""
+    async def send(self, event: ChatIntegrationEvent) -> Accepted:
+        """Call SendChatIntegrationEvent once; raise an `EventFailure` for anything but a 2xx."""
         ...
 
 
@@ -60,10 +61,32 @@ class Sender:
         tenacity computes the backoff (`RetryPolicy.backoff`).
         """
         try:
-            await self._guard.call(lambda: self._call(event, message), attempts)
+            accepted = await self._guard.call(lambda: self._call(event, message), attempts)
         except EventFailure as failure:
-            await self._retry(failure, event, message, attempts)
-        self._log.debug("event.delivered", message_id=message.message_id, calls=attempts.calls)
+            accepted = await self._retry(failure, event, message, attempts)
+        self._note_delivered(accepted, message, attempts)
+
+    def _note_delivered(
+        self, accepted: Accepted, message: AbstractIncomingMessage, attempts: Attempts
+    ) -> None:
+        """Log the delivery with the chat contact it went to (not personal data); count chats."""
+        if accepted.new_chat:
+            self._metrics.new_chats.inc()
+        if accepted.odd_body is not None:
+            # Delivered all the same: a 2xx is delivery, whatever its body.
+            self._log.warning(
+                "event.delivered_unread_answer",
+                message_id=message.message_id,
+                body=accepted.odd_body,
+                request_id=accepted.request_id,
+            )
+        self._log.debug(
+            "event.delivered",
+            message_id=message.message_id,
+            calls=attempts.calls,
+            contact_id=accepted.contact_id,
+            new_chat=accepted.new_chat,
+        )
 
     async def _retry(
         self,
@@ -71,31 +94,32 @@ class Sender:
         event: ChatIntegrationEvent,
         message: AbstractIncomingMessage,
         attempts: Attempts,
-    ) -> None:
+    ) -> Accepted:
         """Call again after a failure, as the policy decides, until accepted; else raise."""
-        last: EventFailure | None = failure
-        while last is not None:
-            decision = self._decide(last, attempts)
+        last: EventFailure | Accepted = failure
+        while isinstance(last, EventFailure):
+            decision = await self._decide(last, attempts)
             if decision.action is Action.STOP:
                 raise last
             self._note_retry(last, decision, attempts, message)
             await self._guard.hold(partial(asyncio.sleep, decision.wait))
             last = await self._attempt(event, message, attempts)
+        return last
 
     async def _attempt(
         self, event: ChatIntegrationEvent, message: AbstractIncomingMessage, attempts: Attempts
-    ) -> EventFailure | None:
-        """Make one call through the guard; return its failure, None once accepted."""
+    ) -> EventFailure | Accepted:
+        """Make one call through the guard; return its failure, or its 2xx answer."""
         try:
-            await self._guard.call(lambda: self._call(event, message), attempts)
+            return await self._guard.call(lambda: self._call(event, message), attempts)
         except EventFailure as failure:
             return failure
-        return None
 
-    def _decide(self, failure: EventFailure, attempts: Attempts) -> Decision:
+    async def _decide(self, failure: EventFailure, attempts: Attempts) -> Decision:
         """Ask the policy what follows a failure; take a held call off the budget."""
+        verdict = await self._guard.account_verdict(failure, attempts)
         spent = Spent(attempts.calls, attempts.charged, attempts.budget_seconds())
-        decision = self._policy.decide(failure, spent, self._guard.account_verdict())
+        decision = self._policy.decide(failure, spent, verdict)
         if not decision.charged:
             attempts.forgive_last()
         return decision
@@ -122,7 +146,7 @@ class Sender:
 
     async def _call(
         self, event: ChatIntegrationEvent, message: AbstractIncomingMessage
-    ) -> dict[str, Any]:
+    ) -> Accepted:
         """Call Connect once; if this task is cancelled meanwhile, let the call finish.
 
         The channel's closing (a cut connection) cancels the handler while the request may
@@ -137,7 +161,7 @@ class Sender:
             raise
 
     def _remember_if_accepted(
-        self, call: "asyncio.Future[dict[str, Any]]", message: AbstractIncomingMessage
+        self, call: "asyncio.Future[Accepted]", message: AbstractIncomingMessage
     ) -> None:
         """Record an abandoned call that Connect accepted (its failure needs nothing)."""
         if not call.cancelled() and call.exception() is None:

@@ -118,6 +118,8 @@ class Worker:
         if self.partitions.cancelled_by_broker:
             queues = ", ".join(sorted(self.partitions.cancelled_by_broker))
             return False, f"not consuming {queues}: the broker cancelled it (queue deleted?)"
+        if self.guard.endpoint.reason is not None:
+            return False, f"stopped sending: {self.guard.endpoint.reason}; restart once fixed"
         if not self.guard.account.closed:
             return False, "Connect refuses this account (AccessDenied/credentials): paused"
         if not self.guard.outage.closed:

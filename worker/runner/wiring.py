@@ -11,7 +11,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 
 from worker.broker import explained
 from worker.metrics import Metrics, api_outcome
-from worker.pipeline.breaker import Breaker
+from worker.pipeline.account import AccountEvidence, EvidenceRules
+from worker.pipeline.breaker import Breaker, BreakerState, Tripwire
 from worker.pipeline.connect_client import ConnectClient
 from worker.pipeline.dedupe import DeliveredLedger, MemoryLedger, RedisLedger
 from worker.pipeline.guard import CallGuard, CallObserver
@@ -61,6 +62,11 @@ def make_guard(
     def breaker(name: str, threshold: int) -> Breaker:
         return Breaker(name, threshold, s.probe_seconds, s.probe_max_seconds, on_change)
 
+    def on_trip(tripwire: Tripwire) -> None:
+        """Export and log, loudly, that calls stopped for good, and why."""
+        metrics.breaker_state.labels(breaker=tripwire.name).set(BreakerState.OPEN)
+        log.error("breaker.tripped", breaker=tripwire.name, reason=tripwire.reason)
+
     def on_answer(outcome: str, seconds: float) -> None:
         code = None if outcome == "ok" else outcome
         if code is None:
@@ -71,10 +77,18 @@ def make_guard(
     return CallGuard(
         limiter,
         breaker("outage", s.outage_threshold),
-        breaker("account", s.account_threshold),
-        s.account_memory_seconds,
+        # The evidence decides when the account is refused: its breaker opens at its word.
+        breaker("account", 1),
+        AccountEvidence(
+            EvidenceRules(
+                streak=s.account_threshold,
+                memory_seconds=s.account_memory_seconds,
+                undecided_seconds=s.account_undecided_seconds,
+            )
+        ),
         CallObserver(on_answer, metrics.ambiguous_retries.inc),
         stages=inflight,
+        endpoint=Tripwire("endpoint", s.endpoint_odd_answers, on_trip),
     )
 
 

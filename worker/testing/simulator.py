@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -45,6 +45,9 @@ _SIGV4 = re.compile(
     r"AWS4-HMAC-SHA256 Credential=[^/\s]+/\d{8}/[a-z0-9-]+/connect/aws4_request, "
     r"SignedHeaders=[a-z0-9;-]+, Signature=[0-9a-f]{64}"
 )
+# Connect's documented Attributes rules (NewSessionDetails.Attributes in the model's docs).
+_ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ATTRIBUTES_MAX_BYTES = 32768
 _TUNABLE = frozenset({"rate", "burst", "latency_ms", "latency_jitter_ms", "error_rates"})
 
 
@@ -67,10 +70,19 @@ Control API (JSON over HTTP, under /_sim/):
   POST   /_sim/outage    fail every call for a while: {"seconds": 10, "code":
                          "InternalServiceException", "status": 500}; or delay each answer
                          (a hung Connect): {"seconds": 60, "stall": 30} answers calls that
-                         arrive in the next 60 s after 30 s
+                         arrive in the next 60 s after 30 s. With "after_accepted": N, the
+                         outage starts mid-stream, once N calls in all have been accepted
+                         (since the start or the last reset), e.g. credentials revoked:
+                         {"seconds": 15, "code": "ExpiredTokenException", "status": 400,
+                         "after_accepted": 200}
   POST   /_sim/rules     fail matching calls: {"match": {"SourceId": "+1555..."}, "code":
                          "ThrottlingException", "times": 2} (omit times: always)
   DELETE /_sim/rules     remove every rule
+  POST   /_sim/answers   accept matching calls with an odd 200 answer (a proxy or a wrong
+                         endpoint): {"match": {...}, "body": "[1,2,3]", "times": 2}; the
+                         body is sent as raw text ("null", "\"ok\"", "<html>"...; omit it
+                         for the usual one); "request_id": false leaves out x-amzn-RequestId
+  DELETE /_sim/answers   remove every odd answer
   POST   /_sim/reset     forget calls, rules, outage and open chats; refill the quota
 
 Example: curl -X POST localhost:4566/_sim/outage -d '{"seconds": 10}'
@@ -124,12 +136,24 @@ class _Rule:
 
 
 @dataclass
-class _Outage:
-    """Fail (or stall) every call until the monotonic clock reaches `until`."""
+class _OddAnswer:
+    """Accept calls whose top-level fields equal `match` with this 200 answer, `times` times."""
 
-    until: float
+    match: Json
+    body: str | None
+    request_id: bool
+    times: int | None
+
+
+@dataclass
+class _Outage:
+    """Fail (or stall) every call for `seconds`, from once `after_accepted` were accepted."""
+
+    seconds: float
     fault: _Fault | None
     stall: float
+    after_accepted: int = 0
+    until: float | None = None
 
 
 class _TokenBucket:
@@ -169,6 +193,7 @@ class ConnectSimulator:
         self._rng = random.Random(self.config.seed)
         self._bucket = _TokenBucket(self.config)
         self._rules: list[_Rule] = []
+        self._odd_answers: list[_OddAnswer] = []
         self._outage: _Outage | None = None
         self._open_chats: dict[tuple[Any, ...], str] = {}
         self._seq = 0
@@ -207,6 +232,8 @@ class ConnectSimulator:
         app.router.add_post("/_sim/config", self._update_config)
         app.router.add_post("/_sim/rules", self._add_rule)
         app.router.add_delete("/_sim/rules", self._clear_rules)
+        app.router.add_post("/_sim/answers", self._add_odd_answer)
+        app.router.add_delete("/_sim/answers", self._clear_odd_answers)
         app.router.add_post("/_sim/outage", self._start_outage)
         return app
 
@@ -246,6 +273,7 @@ class ConnectSimulator:
             await asyncio.sleep(self._delay())
         if fault is None:
             response = _json(200, self._open_or_close_chat(body), call["request_id"])
+            self._make_odd(response, body)
         else:
             response = _error_response(fault, call["request_id"])
         call.update(status=response.status, code=fault.code if fault else None)
@@ -273,21 +301,31 @@ class ConnectSimulator:
         )
 
     def _active_outage(self) -> _Outage | None:
-        """Return the running outage, forgetting it once it is over."""
-        if self._outage is not None and time.monotonic() >= self._outage.until:
+        """Return the running outage, starting it when its time comes, ending it after."""
+        outage = self._outage
+        if outage is None or len(self.received) < outage.after_accepted:
+            return None
+        now = time.monotonic()
+        if outage.until is None:
+            outage.until = now + outage.seconds
+        if now >= outage.until:
             self._outage = None
         return self._outage
 
     def _rule_fault(self, body: Json) -> _Fault | None:
         """Fire the first rule matching the call, dropping it once its count is used up."""
-        for rule in self._rules:
-            if all(body.get(key) == value for key, value in rule.match.items()):
-                if rule.times is not None:
-                    rule.times -= 1
-                    if rule.times <= 0:
-                        self._rules.remove(rule)
-                return rule.fault
-        return None
+        rule = _take_match(self._rules, body)
+        return rule.fault if rule else None
+
+    def _make_odd(self, response: web.Response, body: Json) -> None:
+        """Turn an accepted call's answer into the first matching odd answer, if any."""
+        odd = _take_match(self._odd_answers, body)
+        if odd is None:
+            return
+        if odd.body is not None:
+            response.text = odd.body
+        if not odd.request_id:
+            del response.headers["x-amzn-RequestId"]
 
     def _random_fault(self) -> _Fault | None:
         """Draw once so each code fires with exactly its configured probability."""
@@ -348,6 +386,7 @@ class ConnectSimulator:
         self.calls.clear()
         self._arrived = 0
         self._rules.clear()
+        self._odd_answers.clear()
         self._outage = None
         self._open_chats.clear()
         self._bucket.refill()
@@ -369,9 +408,7 @@ class ConnectSimulator:
     async def _add_rule(self, request: web.Request) -> web.Response:
         """Append a rule: answer `code` to matching calls `times` times, or always."""
         spec = await request.json()
-        times = None if spec.get("times") is None else int(spec["times"])
-        if times is not None and times < 1:
-            raise ValueError("times must be at least 1 (omit it for always)")
+        times = _times(spec)
         fault = _fault(str(spec["code"]), spec.get("status"), spec.get("message"))
         self._rules.append(_Rule(dict(spec.get("match", {})), fault, times))
         return web.json_response({"rules": len(self._rules)})
@@ -380,13 +417,32 @@ class ConnectSimulator:
         self._rules.clear()
         return web.json_response({"rules": 0})
 
+    async def _add_odd_answer(self, request: web.Request) -> web.Response:
+        """Append an odd 200 answer for matching calls, `times` times or always."""
+        spec = await request.json()
+        times = _times(spec)
+        body = spec.get("body")
+        if body is not None and not isinstance(body, str):
+            raise ValueError("body is the raw answer text: a string")
+        odd = _OddAnswer(
+            dict(spec.get("match", {})), body, bool(spec.get("request_id", True)), times
+        )
+        self._odd_answers.append(odd)
+        return web.json_response({"answers": len(self._odd_answers)})
+
+    async def _clear_odd_answers(self, _: web.Request) -> web.Response:
+        self._odd_answers.clear()
+        return web.json_response({"answers": 0})
+
     async def _start_outage(self, request: web.Request) -> web.Response:
         """Fail every call with a code, or stall it, for the next `seconds`."""
         spec = await request.json()
         stall = float(spec.get("stall", 0.0))
         code = spec.get("code") or (None if stall else "InternalServiceException")
         fault = _fault(str(code), spec.get("status")) if code else None
-        self._outage = _Outage(time.monotonic() + float(spec["seconds"]), fault, stall)
+        after = int(spec.get("after_accepted", 0))
+        self._outage = _Outage(float(spec["seconds"]), fault, stall, after)
+        self._active_outage()  # one not waiting for accepted calls starts now
         return web.json_response({"ok": True})
 
 
@@ -401,6 +457,14 @@ async def _control_errors_as_400(
         return web.json_response({"message": f"bad request: {exc!r}"}, status=400)
 
 
+def _times(spec: Json) -> int | None:
+    """Read how many calls a control rule applies to: a positive count, or None for always."""
+    times = None if spec.get("times") is None else int(spec["times"])
+    if times is not None and times < 1:
+        raise ValueError("times must be at least 1 (omit it for always)")
+    return times
+
+
 def _parse_object(raw: bytes) -> Json | None:
     """Decode a JSON object body; return None for anything else."""
     try:
@@ -408,6 +472,21 @@ def _parse_object(raw: bytes) -> Json | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+Matcher = TypeVar("Matcher", _Rule, _OddAnswer)
+
+
+def _take_match(matchers: list[Matcher], body: Json) -> Matcher | None:
+    """Return the first matcher whose `match` the call's fields equal; use up one of its times."""
+    for matcher in matchers:
+        if all(body.get(key) == value for key, value in matcher.match.items()):
+            if matcher.times is not None:
+                matcher.times -= 1
+                if matcher.times <= 0:
+                    matchers.remove(matcher)
+            return matcher
+    return None
 
 
 def _conversation(body: Json) -> tuple[Any, ...]:
@@ -428,6 +507,22 @@ def _validate(body: Json | None) -> _Fault | None:
         return _fault(_INVALID, message=f"Missing required field(s): {', '.join(missing)}")
     if event_type not in _EVENT_TYPES:
         return _fault(_INVALID, message=f"Unknown Event.Type {event_type!r}")
+    return _validate_attributes(body.get("NewSessionDetails"))
+
+
+def _validate_attributes(details: Any) -> _Fault | None:
+    """Apply the two Attributes rules Connect documents: key characters, total UTF-8 bytes."""
+    attributes = details.get("Attributes") if isinstance(details, dict) else None
+    if not isinstance(attributes, dict):
+        return None
+    if not all(_ATTRIBUTE_KEY.fullmatch(str(key)) for key in attributes):
+        return _fault(
+            _INVALID,
+            message="Attribute keys can include only alphanumeric, dash, and underscore characters",
+        )
+    size = sum(len(str(k).encode()) + len(str(v).encode()) for k, v in attributes.items())
+    if size > _ATTRIBUTES_MAX_BYTES:
+        return _fault(_INVALID, message=f"Attributes exceed {_ATTRIBUTES_MAX_BYTES} UTF-8 bytes")
     return None
 
 
