@@ -66,6 +66,10 @@ class Worker:
             settings, self.metrics, self.inflight, self.log, on_accepted=self._note_connect_up
         )
         self._connect_known_up = False
+        # Set whenever the prefetch may no longer fit what is known of Connect; one task acts.
+        self._prefetch_review = asyncio.Event()
+        # Consuming afresh (a prefetch change, a hand-back near consumer_timeout) one at a time.
+        self._reconsuming = asyncio.Lock()
         self._ledger = make_ledger(settings)
         self._endpoint_url = endpoint_url
         self._stop = asyncio.Event()
@@ -75,8 +79,10 @@ class Worker:
         self._handler: MessageHandler | None = None
 
     def _note_connect_up(self) -> None:
-        """Remember that Connect accepted a call since the start."""
+        """Remember that Connect accepted a call since the start; leave caution at once."""
         self._connect_known_up = True
+        if self.partitions.cautious:
+            self._prefetch_review.set()
 
     def _wants_cautious_prefetch(self) -> bool:
         """Return True while Connect is known down or refusing the account, or not yet known up.
@@ -169,13 +175,18 @@ class Worker:
         # collector's full passes, which otherwise stall the loop for tens of ms.
         gc.freeze()
         await self.partitions.consume(connection)
-        watchers = [asyncio.create_task(self._watch(connection))]
+        watchers = [
+            asyncio.create_task(self._watch(connection)),
+            asyncio.create_task(self._review_prefetch(connection)),
+        ]
         if burst:
             watchers.append(asyncio.create_task(self._stop_when_idle(connection)))
         self.log.info("worker.consuming", partitions=self.settings.partitions)
         await self._stop.wait()
         for watcher in watchers:
             watcher.cancel()
+        # Before draining: a prefetch change cut short reopens the guard as it unwinds.
+        await asyncio.gather(*watchers, return_exceptions=True)
         await self._drain()
 
     async def _stop_when_idle(self, connection: AbstractRobustConnection) -> None:
@@ -257,9 +268,9 @@ class Worker:
                 await self.partitions.restore_cancelled(self._topology_channel)
                 await self._refresh_gauges(stats)
                 if self.inflight.longest_hold() > self.settings.max_hold_seconds:
-                    await self._hand_back_everything(connection)
-                elif self._wants_cautious_prefetch() != self.partitions.cautious:
-                    await self._change_prefetch(connection)
+                    async with self._reconsuming:
+                        await self._hand_back_everything(connection)
+                self._prefetch_review.set()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a broker hiccup must not end the watch
@@ -284,6 +295,25 @@ class Worker:
             await self.partitions.return_all(connection)
         finally:
             self.inflight.returning_all = False
+
+    async def _review_prefetch(self, connection: AbstractRobustConnection) -> None:
+        """Consume afresh whenever the prefetch no longer fits what is known of Connect.
+
+        Asked at the first accepted call (so that a start leaves caution within a round trip,
+        not at the next watch) and at every watch (a breaker that opened or closed).
+        """
+        while True:
+            await self._prefetch_review.wait()
+            self._prefetch_review.clear()
+            if self.stopping or self._wants_cautious_prefetch() == self.partitions.cautious:
+                continue
+            try:
+                async with self._reconsuming:
+                    await self._change_prefetch(connection)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a broker hiccup: the next watch asks again
+                self.log.warning("worker.prefetch_change_failed", error=repr(error))
 
     async def _change_prefetch(self, connection: AbstractRobustConnection) -> None:
         """Consume afresh with the prefetch that fits what is known of Connect.
