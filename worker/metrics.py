@@ -4,7 +4,7 @@
 `.observe()` them. Each instance owns its `CollectorRegistry`, so tests and several workers in
 one process never collide in the global registry.
 
-Label values are bounded: `variant` takes the seven `ErrorVariant` values, `outcome` goes
+Label values are bounded: `variant` takes the eight `ErrorVariant` values, `outcome` goes
 through `api_outcome`, `reason` is one of `RETRY_REASONS`, `breaker` one of `BREAKERS`, and
 `queue` the worker's own queue names.
 """

@@ -9,18 +9,38 @@ change; everything behind it is named `<queue>.…` and belongs to the worker:
 The routing key is the conversation key, so one conversation always lands in one partition,
 and a single active consumer per partition keeps its order across replicas. The consistent-hash
 exchange is a plugin shipped with RabbitMQ: `rabbitmq_consistent_hash_exchange`.
+
+The broker itself may remove an event from a work queue: at a delivery limit (RabbitMQ 4.0-4.2
+give quorum queues one of 20 by default) or when a producer's per-message `expiration` passes.
+So every work queue dead-letters, at least once, into the `BrokerDeadLettered` dead-letter queue
+(`WORK_DEAD_LETTERING`), where the broker's `x-death` header keeps the reason.
+
+Queues declared by an older version lack those arguments, and RabbitMQ refuses to redeclare a
+queue with other arguments (PRECONDITION_FAILED). The worker then keeps the queue as it is
+(`LEGACY_PARTITION`), logs it, and the same settings come from a policy instead
+(`dead_letter_policy`): old and new replicas declare what already exists, so they never fight.
 """
 
+import json
+import re
 from dataclasses import dataclass
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from pamqp.common import FieldTable
 
+from worker.observability import get_logger
 from worker.pipeline.errors import ErrorVariant
 
 QUORUM: FieldTable = {"x-queue-type": "quorum"}
-PARTITION: FieldTable = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+LEGACY_PARTITION: FieldTable = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+# At-least-once dead-lettering needs reject-publish overflow; the queue has no length limit.
+WORK_DEAD_LETTERING: FieldTable = {
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+    "x-dead-letter-routing-key": ErrorVariant.BROKER_DEAD_LETTERED.value,
+}
 CONSISTENT_HASH = "x-consistent-hash"
 PLUGIN_HINT = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
 
@@ -79,10 +99,44 @@ def exchange_types(base: str, partition_exchange_type: str = CONSISTENT_HASH) ->
     }
 
 
+def work_queue_arguments(base: str) -> FieldTable:
+    """Return the arguments of a work queue: single active consumer, dead-lettering to ours."""
+    return {
+        **LEGACY_PARTITION,
+        "x-dead-letter-exchange": dead_letter_exchange_name(base),
+        **WORK_DEAD_LETTERING,
+    }
+
+
 def queue_arguments(base: str, partitions: int) -> dict[str, FieldTable]:
     """Return every queue of the topology with its arguments (all durable), work queues first."""
-    work = {name: PARTITION for name in work_queue_names(base, partitions)}
+    work = {name: work_queue_arguments(base) for name in work_queue_names(base, partitions)}
     return work | {name: QUORUM for name in dead_letter_queue_names(base)}
+
+
+def dead_letter_policy_name(base: str) -> str:
+    """Return the name of the policy that gives older work queues their dead-lettering."""
+    return f"{base}.work-dead-lettering"
+
+
+def dead_letter_policy(base: str) -> dict[str, str | int]:
+    """Return the policy definition equal to the work queues' dead-letter arguments."""
+    return {
+        "dead-letter-exchange": dead_letter_exchange_name(base),
+        "dead-letter-routing-key": ErrorVariant.BROKER_DEAD_LETTERED.value,
+        "dead-letter-strategy": "at-least-once",
+        "overflow": "reject-publish",
+    }
+
+
+def dead_letter_policy_command(base: str) -> str:
+    """Return the `rabbitmqctl` line that applies `dead_letter_policy` to the work queues."""
+    pattern = "^" + re.escape(base) + r"\.work\.[0-9]+$"
+    definition = json.dumps(dead_letter_policy(base), separators=(",", ":"))
+    return (
+        f"rabbitmqctl set_policy {dead_letter_policy_name(base)} '{pattern}' '{definition}' "
+        "--apply-to queues"
+    )
 
 
 @dataclass(frozen=True)
@@ -91,6 +145,8 @@ class Topology:
 
     input_exchange: AbstractExchange
     dead_letter_exchange: AbstractExchange
+    work_arguments: dict[str, FieldTable]
+    """The arguments each work queue was declared with: ours, or those of an older version."""
 
 
 class PluginMissingError(RuntimeError):
@@ -114,8 +170,10 @@ async def declare_topology(
     spread = await _declare_partition_exchange(channel, base, partition_exchange_type)
     await spread.bind(inbound, routing_key="")
     queues = queue_arguments(base, partitions)
+    work_arguments = {}
     for name in work_queue_names(base, partitions):
-        queue = await channel.declare_queue(name, durable=True, arguments=queues[name])
+        work_arguments[name] = await _work_arguments_accepted(channel, name, queues[name])
+        queue = await channel.declare_queue(name, durable=True, arguments=work_arguments[name])
         await queue.bind(spread, routing_key="1")  # the weight of the partition
     dead_letters = await channel.declare_exchange(
         dead_letters_name, types[dead_letters_name], durable=True
@@ -124,7 +182,30 @@ async def declare_topology(
         name = dead_letter_queue_name(base, variant)
         queue = await channel.declare_queue(name, durable=True, arguments=queues[name])
         await queue.bind(dead_letters, routing_key=variant.value)
-    return Topology(inbound, dead_letters)
+    return Topology(inbound, dead_letters, work_arguments)
+
+
+async def _work_arguments_accepted(
+    channel: AbstractChannel, name: str, arguments: FieldTable
+) -> FieldTable:
+    """Return `arguments`, or the older ones when the queue exists with those (see module doc).
+
+    The probe runs on a raw channel of its own: PRECONDITION_FAILED closes the channel, and a
+    robust channel would otherwise replay the refused declaration after every reconnect.
+    """
+    underlay = await channel.get_underlay_channel()
+    probe = await underlay.connection.channel()
+    try:
+        await probe.queue_declare(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        get_logger().warning(
+            "topology.work_queue_without_dead_lettering",
+            partition_queue=name,
+            remedy="apply the policy printed by `chat-worker declare` (README, Upgrading)",
+        )
+        return LEGACY_PARTITION
+    await probe.close()
+    return arguments
 
 
 async def _declare_partition_exchange(

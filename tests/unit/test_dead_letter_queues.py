@@ -10,7 +10,7 @@ from worker.ops.check import mask_access_key
 from worker.ops.dead_letter_queues import (
     describe_body,
     failed_at,
-    format_age,
+    header_text,
     parse_duration,
     redrive_routing_key,
     redriven_headers,
@@ -47,24 +47,21 @@ def test_parse_duration_refuses_anything_else(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(
-    ("seconds", "expected"),
-    [
-        (0, "0s"),
-        (-5, "0s"),
-        (45.9, "45s"),
-        (723, "12m 03s"),
-        (3 * 3600 + 7 * 60 + 59, "3h 07m"),
-        (2 * 86400 + 4 * 3600 + 1, "2d 04h"),
-    ],
-)
-def test_format_age_uses_two_largest_units(seconds: float, expected: str) -> None:
-    assert format_age(seconds) == expected
-
-
 def test_failed_at_reads_iso_utc_header() -> None:
     moment = failed_at({"x-failed-at": "2024-05-01T10:20:30.123Z"})
     assert moment == datetime(2024, 5, 1, 10, 20, 30, 123000, tzinfo=UTC)
+
+
+def test_failed_at_of_a_broker_dead_letter_is_its_latest_death() -> None:
+    died = datetime(2024, 2, 2, tzinfo=UTC)
+    deaths = [{"reason": "expired", "queue": "q.work.1", "count": 1, "time": died}]
+    assert failed_at({"x-death": deaths}, datetime(2024, 1, 1, tzinfo=UTC)) == died
+
+
+def test_x_death_prints_as_the_broker_reasons() -> None:
+    died = datetime(2024, 2, 2, tzinfo=UTC)
+    deaths = [{"reason": b"delivery_limit", "queue": "q.work.1", "count": 1, "time": died}]
+    assert header_text(deaths) == "delivery_limit from q.work.1 x1 at 2024-02-02T00:00:00.000Z"
 
 
 def test_failed_at_falls_back_to_timestamp_then_none() -> None:

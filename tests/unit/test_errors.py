@@ -265,6 +265,7 @@ def test_an_event_refused_for_itself_is_not_a_caller_refusal(code: str) -> None:
         ("ThrottlingException", ErrorVariant.THROTTLING),
         ("UnknownError", ErrorVariant.UNKNOWN),
         ("MalformedEvent", ErrorVariant.UNKNOWN),
+        ("BrokerDeadLettered", ErrorVariant.UNKNOWN),
         ("ValidationException", ErrorVariant.UNKNOWN),
         ("", ErrorVariant.UNKNOWN),
     ],
@@ -276,7 +277,7 @@ def test_variant_for_code_maps_only_the_modelled_exception_codes(
     assert variant_for_code(code) is variant
 
 
-def test_variants_are_the_seven_dead_letter_routing_keys() -> None:
+def test_variants_are_the_eight_dead_letter_routing_keys() -> None:
     assert {variant.value for variant in ErrorVariant} == {
         "AccessDeniedException",
         "InternalServiceException",
@@ -285,6 +286,7 @@ def test_variants_are_the_seven_dead_letter_routing_keys() -> None:
         "ThrottlingException",
         "UnknownError",
         "MalformedEvent",
+        "BrokerDeadLettered",
     }
 
 

@@ -43,7 +43,7 @@ def test_render_returns_text_with_the_prometheus_content_type(metrics: Metrics) 
 def test_every_dead_letter_variant_shows_at_zero_before_traffic(metrics: Metrics) -> None:
     for variant in ErrorVariant:
         assert value(metrics, "chat_worker_dead_lettered_total", variant=variant.value) == 0.0
-    assert len(ErrorVariant) == 7
+    assert len(ErrorVariant) == 8
 
 
 def test_counters_count_under_their_names(metrics: Metrics) -> None:

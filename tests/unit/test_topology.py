@@ -1,14 +1,21 @@
 """Exchange and queue names derived from the base name (SPEC §3, §4)."""
 
+import re
+
 import pytest
 
 from worker.pipeline.errors import ErrorVariant
 from worker.topology import (
+    LEGACY_PARTITION,
     all_queue_names,
     dead_letter_exchange_name,
+    dead_letter_policy,
+    dead_letter_policy_command,
     dead_letter_queue_name,
     input_exchange_name,
     partition_exchange_name,
+    queue_arguments,
+    work_queue_arguments,
     work_queue_name,
     work_queue_names,
 )
@@ -48,6 +55,7 @@ def test_dead_letter_exchange_name() -> None:
         (ErrorVariant.THROTTLING, "chat-integration-events.dlq.ThrottlingException"),
         (ErrorVariant.UNKNOWN, "chat-integration-events.dlq.UnknownError"),
         (ErrorVariant.MALFORMED, "chat-integration-events.dlq.MalformedEvent"),
+        (ErrorVariant.BROKER_DEAD_LETTERED, "chat-integration-events.dlq.BrokerDeadLettered"),
     ],
 )
 def test_dead_letter_queue_name_per_variant(variant: ErrorVariant, expected: str) -> None:
@@ -72,7 +80,7 @@ def test_all_queue_names_lists_the_work_queues_first_then_one_queue_per_variant(
     assert sorted(names[2:]) == sorted(
         f"chat-integration-events.dlq.{variant.value}" for variant in ErrorVariant
     )
-    assert len(names) == len(set(names)) == 9
+    assert len(names) == len(set(names)) == 10
 
 
 def test_names_of_different_bases_do_not_collide() -> None:
@@ -88,3 +96,44 @@ def test_every_derived_name_of_the_longest_base_fits_amqp_limit() -> None:
     ]
 
     assert max(len(name.encode("utf-8")) for name in names) <= AMQP_NAME_LIMIT
+
+
+def test_work_queues_dead_letter_at_least_once_to_the_broker_variant() -> None:
+    arguments = queue_arguments(BASE, 2)[work_queue_name(BASE, 1)]
+
+    assert arguments == {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        "x-dead-letter-exchange": "chat-integration-events.dlx",
+        "x-dead-letter-routing-key": "BrokerDeadLettered",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def test_dead_letter_queues_keep_their_arguments() -> None:
+    arguments = queue_arguments(BASE, 2)[dead_letter_queue_name(BASE, ErrorVariant.UNKNOWN)]
+
+    assert arguments == {"x-queue-type": "quorum"}
+
+
+def test_the_policy_gives_older_work_queues_the_same_dead_lettering() -> None:
+    ours = work_queue_arguments(BASE)
+    policy = dead_letter_policy(BASE)
+
+    assert {f"x-{key}": value for key, value in policy.items()} == {
+        key: value for key, value in ours.items() if key not in LEGACY_PARTITION
+    }
+
+
+def test_the_policy_command_matches_only_the_work_queues_of_its_base() -> None:
+    command = dead_letter_policy_command("a.b")
+    pattern = re.search(r"'([^']*)'", command)
+
+    assert command.startswith("rabbitmqctl set_policy a.b.work-dead-lettering ")
+    assert command.endswith(" --apply-to queues")
+    assert pattern is not None
+    assert re.match(pattern[1], "a.b.work.12")
+    assert not re.match(pattern[1], "a.b.dlq.UnknownError")
+    assert not re.match(pattern[1], "axb.work.1")
+    assert not re.match(pattern[1], "a.b.work.1.x")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aio_pika.abc import AbstractConnection
+from pamqp.common import FieldTable
 from pydantic import SecretStr
 
 from worker.broker import (
@@ -28,7 +29,13 @@ from worker.broker import (
 from worker.masking import mask
 from worker.problems import Problem
 from worker.settings import WorkerSettings, config_file_path
-from worker.topology import exchange_types, queue_arguments
+from worker.topology import (
+    LEGACY_PARTITION,
+    dead_letter_policy_command,
+    exchange_types,
+    queue_arguments,
+    work_queue_names,
+)
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -71,8 +78,9 @@ async def topology_problems(
         ("exchange", name, await compare_exchange(connection, name, kind))
         for name, kind in exchange_types(base).items()
     ]
+    work = set(work_queue_names(base, partitions))
     found += [
-        ("queue", name, await compare_queue(connection, name, arguments))
+        ("queue", name, await _compare_queue(connection, base, name, arguments, name in work))
         for name, arguments in queue_arguments(base, partitions).items()
     ]
     problems = []
@@ -82,6 +90,25 @@ async def topology_problems(
         elif state is Found.OTHER:
             problems.append(conflict)
     return problems
+
+
+async def _compare_queue(
+    connection: AbstractConnection, base: str, name: str, arguments: FieldTable, work: bool
+) -> tuple[Found, str]:
+    """Compare a queue with ours; accept a work queue as an older version declared it.
+
+    The worker runs on such a queue too (`worker.topology`); the policy gives it the rest.
+    """
+    state, conflict = await compare_queue(connection, name, arguments)
+    if state is not Found.OTHER or not work:
+        return state, conflict
+    if (await compare_queue(connection, name, LEGACY_PARTITION))[0] is not Found.SAME:
+        return state, conflict
+    print(
+        f"note = {name} was declared by an older version; unless this policy is applied, "
+        f"the broker may drop its events: {dead_letter_policy_command(base)}"
+    )
+    return Found.SAME, ""
 
 
 async def check_broker(settings: WorkerSettings) -> list[str]:

@@ -19,7 +19,7 @@ from worker.ops.dead_letter_queues import add_dlq_parser
 from worker.problems import ExitCode, Problem
 from worker.settings import WorkerSettings, load_settings
 from worker.testing.simulator import CONTROL_API_HELP
-from worker.topology import declare_topology
+from worker.topology import LEGACY_PARTITION, dead_letter_policy_command, declare_topology
 
 EXIT_USAGE = ExitCode.USAGE
 
@@ -152,8 +152,20 @@ async def declare(settings: WorkerSettings) -> int:
     connection = await connect_plain(settings)
     async with connection:
         with explained(settings):
-            await declare_topology(await connection.channel(), settings.queue, settings.partitions)
+            topology = await declare_topology(
+                await connection.channel(), settings.queue, settings.partitions
+            )
     print(f"declared topology of {settings.queue!r} on {settings.masked_amqp_url()}")
+    legacy = [
+        name for name, arguments in topology.work_arguments.items() if arguments == LEGACY_PARTITION
+    ]
+    if legacy:
+        # Old queues keep their arguments (mixed-version replicas stay safe); a policy adds more.
+        print(
+            f"{len(legacy)} work queue(s) were declared by an older version and do not "
+            "dead-letter what the broker removes; give them the same settings with:\n"
+            f"  {dead_letter_policy_command(settings.queue)}"
+        )
     return 0
 
 

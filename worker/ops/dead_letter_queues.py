@@ -2,9 +2,14 @@
 
 Every subcommand uses a plain connection (`worker.broker.connect_plain`, which says why).
 
-Reading (`list`, `show`) removes nothing: messages are fetched by basic.get without ack and
-handed back together by closing the channel, which returns them to their places in order.
-Dead-letter queues have no consumer, so nobody else receives them meanwhile.
+Reading never brings a dead letter closer to a delivery limit. On a quorum queue every message
+handed back (nack, reject, or a channel closed while it was unacked) counts as a delivery on
+RabbitMQ 3.10-4.2 (4.3: all but nack), and RabbitMQ 4.0-4.2 drop a message at 20 by default.
+So `list` only counts, from passive queue declarations, and `show` takes no message back: it
+passes over the whole queue once (`pass_over`), printing the first ones and putting each back as
+a confirmed copy at the tail before acking the original, which keeps the order and starts each
+copy's count afresh. Its cost grows with the queue. Dead-letter queues have no consumer, so
+nobody else receives them meanwhile.
 
 `redrive` publishes each dead letter to the input exchange (routing key: its
 `x-original-routing-key`) with publisher confirms and mandatory routing, and acks it in its
@@ -13,9 +18,9 @@ duplicates one event. It moves at most the messages present when it started, so 
 fails again while it runs is not redriven twice.
 
 Retention: dead letters hold personal data (phone numbers, message content), so keep them no
-longer than needed. `chat-worker dlq purge --older-than 7d` removes from the head of each queue
-the dead letters whose `x-failed-at` is older than the period and stops at the first younger
-one, since a queue holds its dead letters in failure order. It needs no `--yes`: run it from
+longer than needed. `chat-worker dlq purge --older-than 7d` removes from each queue the dead
+letters whose `x-failed-at` (else their `x-death` time) is older than the period, in one pass
+like `show`'s, so that the younger ones are not handed back. It needs no `--yes`: run it from
 cron or a Kubernetes CronJob; finding nothing old is a success.
 
 Exit codes: 0 done, 1 nothing done or refused (no `--yes`, nothing to redrive, missing queue),
@@ -73,21 +78,6 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def format_age(seconds: float) -> str:
-    """Format an age compactly with its two largest units: `45s`, `12m 03s`, `2d 04h`."""
-    whole = max(0, int(seconds))
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours:02d}h"
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
 # C0 and C1 controls (ESC and CSI start ANSI sequences), DEL, and the bidi controls that
 # reorder what a terminal shows.
 _UNSAFE_FOR_TERMINAL = re.compile(
@@ -112,7 +102,13 @@ def terminal_safe(text: str) -> str:
 
 
 def header_text(value: Any) -> str:
-    """Render a header value for a terminal."""
+    """Render a header value for a terminal; `x-death` as the broker's reasons."""
+    if isinstance(value, list | tuple) and value and all(isinstance(v, Mapping) for v in value):
+        return "; ".join(
+            f"{header_text(v.get('reason'))} from {header_text(v.get('queue'))} "
+            f"x{header_text(v.get('count'))} at {header_text(v.get('time'))}"
+            for v in value
+        )
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8", errors="replace")
     if isinstance(value, datetime):
@@ -121,7 +117,7 @@ def header_text(value: Any) -> str:
 
 
 def failed_at(headers: Mapping[str, Any], timestamp: datetime | None = None) -> datetime | None:
-    """Return when a dead letter failed: its `x-failed-at`, else its publish timestamp."""
+    """Return when a dead letter failed: `x-failed-at`, the broker's `x-death`, or its timestamp."""
     raw = headers.get("x-failed-at")
     if raw is not None:
         try:
@@ -130,9 +126,20 @@ def failed_at(headers: Mapping[str, Any], timestamp: datetime | None = None) -> 
             moment = None
         if moment is not None:
             return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    death = broker_death(headers)
+    if isinstance(death.get("time"), datetime):
+        timestamp = death["time"]
     if timestamp is not None:
         return timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=UTC)
     return None
+
+
+def broker_death(headers: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Return the latest `x-death` entry the broker wrote (reason, queue, time), or nothing."""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], Mapping):
+        return deaths[0]
+    return {}
 
 
 def describe_body(body: bytes) -> str:
@@ -197,42 +204,66 @@ class QueueState:
     variant: str
     queue: str
     messages: int | None
-    oldest_failed_at: datetime | None
-
-    def age_seconds(self, now: datetime) -> float | None:
-        """Return the age of the oldest dead letter."""
-        if self.oldest_failed_at is None:
-            return None
-        return (now - self.oldest_failed_at).total_seconds()
 
 
-async def peek(
-    connection: AbstractConnection, queue_name: str, limit: int
-) -> tuple[int, list[AbstractIncomingMessage]]:
-    """Return a queue's ready count and up to `limit` messages from its head, removing none."""
+async def count_messages(connection: AbstractConnection, queue_name: str) -> int:
+    """Return a queue's ready count from a passive declaration: no message is touched."""
     async with connection.channel() as channel:
         queue = await channel.declare_queue(queue_name, passive=True)
+        return queue.declaration_result.message_count or 0
+
+
+Keep = Callable[[AbstractIncomingMessage], bool]
+
+
+def keep_all(message: AbstractIncomingMessage) -> bool:
+    """Keep every message (`dlq show`)."""
+    return True
+
+
+async def pass_over(
+    connection: AbstractConnection, queue_name: str, keep: Keep, hold: int = 0
+) -> tuple[int, list[AbstractIncomingMessage]]:
+    """Visit every message present at the start, once; return the count and the first kept.
+
+    At most `hold` kept messages are returned, the first ones in queue order.
+
+    A kept message is put back as a confirmed copy at the tail, then the original is acked; the
+    others are acked only. Handing a message back would count as a delivery on a quorum queue,
+    and at a delivery limit (20 by default on RabbitMQ 4.0-4.2) the broker drops it; a copy
+    starts afresh. Passing over the whole queue keeps its order; a crash midway duplicates at
+    most one message and loses none.
+    """
+    channel = connection.channel(publisher_confirms=True, on_return_raises=True)
+    kept: list[AbstractIncomingMessage] = []
+    async with channel:
+        queue = await channel.declare_queue(queue_name, passive=True)
         count = queue.declaration_result.message_count or 0
-        messages: list[AbstractIncomingMessage] = []
-        while len(messages) < min(limit, count):
+        for _ in range(count):
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            messages.append(message)
-    # Leaving the block closed the channel, which hands every message back in its place; nacking
-    # them one by one while others are still held would not keep their order.
-    return count, messages
+            if keep(message):
+                copy = copy_message(message, dead_letter_queue_free(message.headers or {}))
+                await channel.default_exchange.publish(copy, queue_name, mandatory=True)
+                if len(kept) < hold:
+                    kept.append(message)
+            await message.ack()
+    return count, kept
+
+
+def dead_letter_queue_free(headers: Mapping[str, Any]) -> HeadersType:
+    """Return the headers without the dead-letter queue's own delivery count."""
+    return {k: v for k, v in headers.items() if k not in DEAD_LETTER_QUEUE_HEADERS}
 
 
 async def queue_state(connection: AbstractConnection, base: str, variant: str) -> QueueState:
-    """Count one dead-letter queue and read when its head message failed."""
+    """Count one dead-letter queue."""
     name = dead_letter_queue_name(base, variant)
     try:
-        count, head = await peek(connection, name, limit=1)
+        return QueueState(variant, name, await count_messages(connection, name))
     except ChannelNotFoundEntity:
-        return QueueState(variant, name, None, None)
-    oldest = failed_at(head[0].headers or {}, head[0].timestamp) if head else None
-    return QueueState(variant, name, count, oldest)
+        return QueueState(variant, name, None)
 
 
 def chosen_variants(variant: str | None) -> list[str]:
@@ -244,13 +275,12 @@ def chosen_variants(variant: str | None) -> list[str]:
 
 
 async def list_queues(connection: AbstractConnection, base: str, as_json: bool) -> int:
-    """Print every dead-letter queue with its count and the age of its oldest message."""
+    """Print every dead-letter queue with its count (`dlq show` tells when its head failed)."""
     states = [await queue_state(connection, base, v) for v in chosen_variants(None)]
-    now = datetime.now(UTC)
     if as_json:
-        print(json.dumps([_state_json(state, now) for state in states], indent=2))
+        print(json.dumps([_state_json(state) for state in states], indent=2))
     else:
-        print(_state_table(states, now))
+        print(_state_table(states))
     missing = [state.queue for state in states if state.messages is None]
     if missing:
         _complain(f"missing queue(s) {', '.join(missing)}; run `chat-worker declare`")
@@ -258,33 +288,19 @@ async def list_queues(connection: AbstractConnection, base: str, as_json: bool) 
     return EXIT_OK
 
 
-def _state_json(state: QueueState, now: datetime) -> dict[str, Any]:
+def _state_json(state: QueueState) -> dict[str, Any]:
     """Return one queue's state as JSON-ready data."""
-    data = asdict(state)
-    data["exists"] = state.messages is not None
-    data["oldest_failed_at"] = iso_utc(state.oldest_failed_at) if state.oldest_failed_at else None
-    data["oldest_age_seconds"] = state.age_seconds(now)
-    return data
+    return asdict(state) | {"exists": state.messages is not None}
 
 
-def _state_table(states: Sequence[QueueState], now: datetime) -> str:
+def _state_table(states: Sequence[QueueState]) -> str:
     """Lay the queue states out as an aligned table."""
-    rows = [("VARIANT", "MESSAGES", "OLDEST", "QUEUE")]
+    rows = [("VARIANT", "MESSAGES", "QUEUE")]
     for state in states:
-        age = state.age_seconds(now)
-        rows.append(
-            (
-                state.variant,
-                "missing" if state.messages is None else str(state.messages),
-                "-" if age is None else format_age(age),
-                state.queue,
-            )
-        )
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    return "\n".join(
-        f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}"
-        for row in rows
-    )
+        count = "missing" if state.messages is None else str(state.messages)
+        rows.append((state.variant, count, state.queue))
+    widths = [max(len(row[column]) for row in rows) for column in range(2)]
+    return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]}" for row in rows)
 
 
 # --- show ----------------------------------------------------------------------------------
@@ -296,7 +312,7 @@ async def show_messages(
     """Print up to `limit` dead letters of each chosen queue; bodies masked unless `reveal`."""
     shown = 0
     for name in (dead_letter_queue_name(base, v) for v in chosen_variants(variant)):
-        count, messages = await peek(connection, name, limit)
+        count, messages = await pass_over(connection, name, keep_all, hold=limit)
         if not messages:
             continue
         print(f"== {name}: {count} message(s), showing {len(messages)}")
@@ -363,7 +379,7 @@ async def redrive_plan(
     plan = []
     left = limit
     for name in (dead_letter_queue_name(base, v) for v in chosen_variants(variant)):
-        count, _ = await peek(connection, name, limit=0)
+        count = await count_messages(connection, name)
         moving = count if left is None else min(count, left)
         if left is not None:
             left -= moving
@@ -461,7 +477,7 @@ async def purge_all(connection: AbstractConnection, names: Sequence[str], confir
     if not confirmed:
         total = 0
         for name in names:
-            count, _ = await peek(connection, name, limit=0)
+            count = await count_messages(connection, name)
             if count:
                 print(f"would purge {count} dead letter(s) from {name}")
             total += count
@@ -481,21 +497,19 @@ async def purge_all(connection: AbstractConnection, names: Sequence[str], confir
 
 
 async def purge_older(connection: AbstractConnection, queue_name: str, cutoff: datetime) -> int:
-    """Remove head messages that failed before `cutoff`; stop at the first younger one."""
+    """Remove the messages that failed before `cutoff`, keeping the others in order."""
     removed = 0
-    async with connection.channel() as channel:
-        queue = await channel.declare_queue(queue_name, passive=True)
-        # Bounded by the count at the start: what fails meanwhile is young anyway.
-        for _ in range(queue.declaration_result.message_count or 0):
-            message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                break
-            moment = failed_at(message.headers or {}, message.timestamp)
-            if moment is None or moment >= cutoff:
-                # Closing the channel hands this head message back in its place.
-                break
-            await message.ack()
-            removed += 1
+
+    def young(message: AbstractIncomingMessage) -> bool:
+        nonlocal removed
+        moment = failed_at(message.headers or {}, message.timestamp)
+        if moment is None or moment >= cutoff:
+            return True
+        removed += 1
+        return False
+
+    # Bounded by the count at the start: what fails meanwhile is young anyway.
+    await pass_over(connection, queue_name, young)
     if removed:
         print(f"removed {removed} dead letter(s) from {queue_name}")
     return removed

@@ -40,6 +40,8 @@ class ErrorVariant(StrEnum):
     """Any other error code, or a transport failure that outlived its retries."""
     MALFORMED = "MalformedEvent"
     """The body is not UTF-8 JSON, is too large, or fails the request model; never sent."""
+    BROKER_DEAD_LETTERED = "BrokerDeadLettered"
+    """The broker dead-lettered it from a work queue (delivery limit, expiration): see x-death."""
 
 
 _MODELLED_CODES = frozenset(

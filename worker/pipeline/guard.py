@@ -145,6 +145,10 @@ class CallGuard:
         """
         self._closed = True
 
+    def reopen(self) -> None:
+        """Accept calls again after `close` (the worker consumed afresh and goes on)."""
+        self._closed = False
+
     async def hold(self, wait: Callable[[], Awaitable[T]]) -> T:
         """Wait for something a call needs first (a backoff), as a wait shutdown may end."""
         self._refuse_if_closed()

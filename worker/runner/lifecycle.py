@@ -62,7 +62,14 @@ class Worker:
         self.log = get_logger(worker_id=settings.worker_id, queue=settings.queue)
         self.inflight = InFlight()
         self.partitions = Partitions(settings, self._on_message, self.log)
-        self.guard = make_guard(settings, self.metrics, self.inflight, self.log)
+        self.guard = make_guard(
+            settings, self.metrics, self.inflight, self.log, on_accepted=self._note_connect_up
+        )
+        self._connect_known_up = False
+        # Set whenever the prefetch may no longer fit what is known of Connect; one task acts.
+        self._prefetch_review = asyncio.Event()
+        # Consuming afresh (a prefetch change, a hand-back near consumer_timeout) one at a time.
+        self._reconsuming = asyncio.Lock()
         self._ledger = make_ledger(settings)
         self._endpoint_url = endpoint_url
         self._stop = asyncio.Event()
@@ -70,6 +77,21 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._topology_channel: AbstractChannel | None = None
         self._handler: MessageHandler | None = None
+
+    def _note_connect_up(self) -> None:
+        """Remember that Connect accepted a call since the start; leave caution at once."""
+        self._connect_known_up = True
+        if self.partitions.cautious:
+            self._prefetch_review.set()
+
+    def _wants_cautious_prefetch(self) -> bool:
+        """Return True while Connect is known down or refusing the account, or not yet known up.
+
+        Events then wait, held, for as long as it lasts; each held one is handed back at a
+        restart, and a quorum queue counts that return.
+        """
+        guard = self.guard
+        return not (self._connect_known_up and guard.outage.closed and guard.account.closed)
 
     @property
     def stopping(self) -> bool:
@@ -134,12 +156,13 @@ class Worker:
 
     async def _wire(self, connection: AbstractRobustConnection, client: ConnectClient) -> None:
         """Declare the topology and build the handler that every delivery goes through."""
-        self._topology_channel, exchange = await declare_for_dead_letters(self.settings, connection)
+        self._topology_channel, topology = await declare_for_dead_letters(self.settings, connection)
+        self.partitions.work_arguments = topology.work_arguments
         self._handler = make_handler(
             self.settings,
             client=client,
             guard=self.guard,
-            dead_letter_exchange=exchange,
+            dead_letter_exchange=topology.dead_letter_exchange,
             inflight=self.inflight,
             metrics=self.metrics,
             ledger=self._ledger,
@@ -152,13 +175,18 @@ class Worker:
         # collector's full passes, which otherwise stall the loop for tens of ms.
         gc.freeze()
         await self.partitions.consume(connection)
-        watchers = [asyncio.create_task(self._watch(connection))]
+        watchers = [
+            asyncio.create_task(self._watch(connection)),
+            asyncio.create_task(self._review_prefetch(connection)),
+        ]
         if burst:
             watchers.append(asyncio.create_task(self._stop_when_idle(connection)))
         self.log.info("worker.consuming", partitions=self.settings.partitions)
         await self._stop.wait()
         for watcher in watchers:
             watcher.cancel()
+        # Before draining: a prefetch change cut short reopens the guard as it unwinds.
+        await asyncio.gather(*watchers, return_exceptions=True)
         await self._drain()
 
     async def _stop_when_idle(self, connection: AbstractRobustConnection) -> None:
@@ -240,7 +268,9 @@ class Worker:
                 await self.partitions.restore_cancelled(self._topology_channel)
                 await self._refresh_gauges(stats)
                 if self.inflight.longest_hold() > self.settings.max_hold_seconds:
-                    await self._hand_back_everything(connection)
+                    async with self._reconsuming:
+                        await self._hand_back_everything(connection)
+                self._prefetch_review.set()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a broker hiccup must not end the watch
@@ -265,6 +295,51 @@ class Worker:
             await self.partitions.return_all(connection)
         finally:
             self.inflight.returning_all = False
+
+    async def _review_prefetch(self, connection: AbstractRobustConnection) -> None:
+        """Consume afresh whenever the prefetch no longer fits what is known of Connect.
+
+        Asked at the first accepted call (so that a start leaves caution within a round trip,
+        not at the next watch) and at every watch (a breaker that opened or closed).
+        """
+        while True:
+            await self._prefetch_review.wait()
+            self._prefetch_review.clear()
+            if self.stopping or self._wants_cautious_prefetch() == self.partitions.cautious:
+                continue
+            try:
+                async with self._reconsuming:
+                    await self._change_prefetch(connection)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a broker hiccup: the next watch asks again
+                self.log.warning("worker.prefetch_change_failed", error=repr(error))
+
+    async def _change_prefetch(self, connection: AbstractRobustConnection) -> None:
+        """Consume afresh with the prefetch that fits what is known of Connect.
+
+        Each delivery held while Connect is down is handed back at a restart, and quorum
+        queues count every such return (RabbitMQ 4.0-4.2 drop a message at 20 by default):
+        few are held then. Changing the prefetch means consuming afresh; calls on the wire
+        finish first, since cancelling one could send its event twice.
+        """
+        self.partitions.cautious = self._wants_cautious_prefetch()
+        self.log.info(
+            "worker.prefetch_changed", cautious=self.partitions.cautious, held=len(self.inflight)
+        )
+        # No call goes out meanwhile, so none is cut on the wire and every event not yet sent
+        # goes back, in order, with the channel. Both are undone before consuming afresh: a
+        # delivery on the new channel must be sent, or handed back by a nack of its own.
+        self.guard.close()
+        self.inflight.returning_all = True
+        try:
+            await self._hand_back_unsent(self.inflight.tasks())
+            await self.partitions.release()
+            await self._cancel_in_flight()
+        finally:
+            self.inflight.returning_all = False
+            self.guard.reopen()
+        await self.partitions.consume(connection)
 
     async def _cancel_in_flight(self) -> int:
         """Cancel every handler task; none of them acks after this."""

@@ -25,11 +25,20 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
+from pamqp.common import FieldTable
 
 from worker.settings import WorkerSettings
-from worker.topology import PARTITION, declare_topology, leader_lock_name, work_queue_names
+from worker.topology import (
+    declare_topology,
+    leader_lock_name,
+    work_queue_arguments,
+    work_queue_names,
+)
 
 STANDBY_DELAY_SECONDS = 2.0
+# Deliveries per partition while Connect is known down, or not yet known up: each one held
+# is handed back at a restart, and quorum queues count that towards their delivery limit.
+CAUTIOUS_PREFETCH = 1
 SPREAD_PAUSE_SECONDS = (0.1, 0.3)
 
 OnMessage = Callable[[AbstractIncomingMessage, str], Awaitable[None]]
@@ -43,20 +52,32 @@ class Partitions:
         self._on_message = on_message
         self._log = log
         self.names = work_queue_names(settings.queue, settings.partitions)
+        # As declared with the topology: an older version's queues keep their arguments.
+        self.work_arguments: dict[str, FieldTable] = {
+            name: work_queue_arguments(settings.queue) for name in self.names
+        }
         self.channel: AbstractChannel | None = None
         self._lock_channel: AbstractChannel | None = None
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self.cancelled_by_broker: set[str] = set()
+        self.cautious = True
 
     def consuming(self) -> bool:
         """Return True while the channel is open and every partition has its consumer."""
         return bool(self._consumers) and self.channel is not None and not self.channel.is_closed
 
+    def prefetch_per_partition(self) -> int:
+        """Return the deliveries each partition's consumer may hold (see `cautious`)."""
+        if self.cautious:
+            return CAUTIOUS_PREFETCH
+        return max(1, math.ceil(self._settings.prefetch / self._settings.partitions))
+
     async def consume(self, connection: AbstractRobustConnection) -> None:
         """Subscribe to every partition, as the active consumer or as a standby."""
         channel = await connection.channel()
-        per_partition = max(1, math.ceil(self._settings.prefetch / self._settings.partitions))
-        await channel.set_qos(prefetch_count=per_partition)
+        # Per consumer, and only for consumers created after it: changing it means consuming
+        # afresh (`return_all`).
+        await channel.set_qos(prefetch_count=self.prefetch_per_partition())
         self.channel = channel
         names = list(self.names)
         if self._settings.spread_partitions:
@@ -74,11 +95,15 @@ class Partitions:
         Closing the channel requeues its unacked deliveries together, which keeps each
         conversation's order; nacking them one by one, while later ones wait, would not.
         """
+        await self.release()
+        await self.consume(connection)
+
+    async def release(self) -> None:
+        """Close the consumers' channel: every unacked delivery goes back, in order."""
         if self.channel is not None:
             await self.channel.close()
         self._consumers.clear()
         self.cancelled_by_broker.clear()
-        await self.consume(connection)
 
     async def _take_leader_lock(self, connection: AbstractRobustConnection) -> bool:
         """Try to hold the leader lock: an exclusive queue, gone with its connection.
@@ -120,7 +145,7 @@ class Partitions:
         """Consume one partition queue."""
         # Declared (same arguments, so idempotent) rather than looked up: the robust channel
         # only restores consumers of queues it declared itself, after a reconnect.
-        queue = await channel.declare_queue(name, durable=True, arguments=PARTITION)
+        queue = await channel.declare_queue(name, durable=True, arguments=self.work_arguments[name])
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             await self._on_message(message, name)

@@ -4,6 +4,7 @@ Nothing here decides anything about a message: it only connects the pieces that 
 `worker.pipeline`), so that the lifecycle can hold one handler and one guard.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
@@ -21,7 +22,7 @@ from worker.pipeline.policy import RetryPolicy
 from worker.pipeline.rate_limiter import AdaptiveRateLimiter, RateLimitConfig
 from worker.pipeline.settlement import Settler
 from worker.settings import WorkerSettings
-from worker.topology import declare_topology
+from worker.topology import Topology, declare_topology
 
 
 def make_ledger(settings: WorkerSettings) -> DeliveredLedger | None:
@@ -35,9 +36,16 @@ def make_ledger(settings: WorkerSettings) -> DeliveredLedger | None:
 
 
 def make_guard(
-    settings: WorkerSettings, metrics: Metrics, inflight: InFlight, log: Any
+    settings: WorkerSettings,
+    metrics: Metrics,
+    inflight: InFlight,
+    log: Any,
+    on_accepted: Callable[[], None] = lambda: None,
 ) -> CallGuard:
-    """Build the rate limiter and breakers, reporting into metrics and logs."""
+    """Build the rate limiter and breakers, reporting into metrics and logs.
+
+    `on_accepted` hears every call Connect accepted: the lifecycle learns that Connect is up.
+    """
     s = settings
     limiter = AdaptiveRateLimiter(
         RateLimitConfig(initial_rate=s.rate_initial, min_rate=s.rate_min, max_rate=s.rate_max)
@@ -61,6 +69,8 @@ def make_guard(
 
     def on_answer(outcome: str, seconds: float) -> None:
         code = None if outcome == "ok" else outcome
+        if code is None:
+            on_accepted()
         metrics.api_calls.labels(outcome=api_outcome(code)).inc()
         metrics.api_latency.observe(seconds)
 
@@ -84,7 +94,7 @@ def make_guard(
 
 async def declare_for_dead_letters(
     settings: WorkerSettings, connection: AbstractRobustConnection
-) -> tuple[AbstractChannel, AbstractExchange]:
+) -> tuple[AbstractChannel, Topology]:
     """Declare the topology on a channel of its own, for dead letters; return both.
 
     Dead letters get their own channel: a failed publish must not close the consumer's.
@@ -92,7 +102,7 @@ async def declare_for_dead_letters(
     with explained(settings):
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         topology = await declare_topology(channel, settings.queue, settings.partitions)
-    return channel, topology.dead_letter_exchange
+    return channel, topology
 
 
 def make_handler(
