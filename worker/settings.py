@@ -96,6 +96,7 @@ class WorkerSettings(BaseSettings):
     redis_url: SecretStr | None = None
     dedupe_window_seconds: float = Field(24 * 3600.0, ge=0)
     max_hold_seconds: float = Field(20 * 60.0, gt=0, lt=30 * 60.0)
+    cautious_prefetch: bool = False
 
     @field_validator("queue")
     @classmethod

@@ -38,7 +38,12 @@ pytestmark = pytest.mark.integration
 BROKER_DEAD = ErrorVariant.BROKER_DEAD_LETTERED.value
 OUTAGE = {"seconds": 600, "code": "InternalServiceException"}
 # An outage must not use up the events' retry budgets: only the broker's limit is under test.
-PATIENT = {"transient_max_attempts": 1000, "transient_max_seconds": 3600.0}
+# Patient budgets, and the cautious prefetch these tests are about (off by default).
+PATIENT = {
+    "transient_max_attempts": 1000,
+    "transient_max_seconds": 3600.0,
+    "cautious_prefetch": True,
+}
 
 ImposeLimit = Callable[[str, int], Awaitable[None]]
 

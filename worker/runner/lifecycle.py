@@ -90,6 +90,8 @@ class Worker:
         Events then wait, held, for as long as it lasts; each held one is handed back at a
         restart, and a quorum queue counts that return.
         """
+        if not self.settings.cautious_prefetch:
+            return False
         guard = self.guard
         return not (self._connect_known_up and guard.outage.closed and guard.account.closed)
 

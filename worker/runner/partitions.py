@@ -60,7 +60,7 @@ class Partitions:
         self._lock_channel: AbstractChannel | None = None
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self.cancelled_by_broker: set[str] = set()
-        self.cautious = True
+        self.cautious = settings.cautious_prefetch
 
     def consuming(self) -> bool:
         """Return True while the channel is open and every partition has its consumer."""
