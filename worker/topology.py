@@ -194,18 +194,29 @@ async def _work_arguments_accepted(
     robust channel would otherwise replay the refused declaration after every reconnect.
     """
     underlay = await channel.get_underlay_channel()
-    probe = await underlay.connection.channel()
+    if await _declares(underlay.connection, name, arguments):
+        return arguments
+    if not await _declares(underlay.connection, name, LEGACY_PARTITION):
+        return arguments  # neither: a real conflict, which the declaration then reports
+    get_logger().warning(
+        "topology.work_queue_without_dead_lettering",
+        partition_queue=name,
+        remedy="apply the policy printed by `chat-worker declare` (README, Upgrading)",
+    )
+    return LEGACY_PARTITION
+
+
+async def _declares(
+    connection: aiormq.abc.AbstractConnection, name: str, arguments: FieldTable
+) -> bool:
+    """Return True if the queue can be declared with these arguments (on a channel of its own)."""
+    probe = await connection.channel()
     try:
         await probe.queue_declare(name, durable=True, arguments=arguments)
     except aiormq.exceptions.ChannelPreconditionFailed:
-        get_logger().warning(
-            "topology.work_queue_without_dead_lettering",
-            partition_queue=name,
-            remedy="apply the policy printed by `chat-worker declare` (README, Upgrading)",
-        )
-        return LEGACY_PARTITION
+        return False  # the broker closed the probe's channel
     await probe.close()
-    return arguments
+    return True
 
 
 async def _declare_partition_exchange(
